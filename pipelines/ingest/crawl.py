@@ -1,0 +1,183 @@
+"""Drive a sharded crawl on Ray: one task per shard-sized partition of the input, resumable.
+
+The driver streams the input, submits one Ray task per shard (at most `max_in_flight` at a time, so
+a 100-million-row list never sits in memory), skips shards already written, and shows progress fed
+by the tasks through a small actor. A task whose worker dies is retried by Ray; a shard that still
+fails is reported, the others go on, and a rerun of the same command resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipelines.ingest.reader import InputReader
+from pipelines.ingest.shards import MANIFEST, ShardOutput, shard_files, write_manifest
+from pipelines.runtime import cluster_cpus, init_ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """Counts rows by status as tasks report them (for display only: retried tasks count twice)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+
+    def add(self, delta: dict[str, int]) -> None:
+        self.counts.update(delta)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+
+class ProgressReporter:
+    """Used inside a task: batches status counts and sends them to the driver's counter."""
+
+    def __init__(self, counter: Any, every_s: float = 0.5):
+        self.counter, self.every_s = counter, every_s
+        self.pending: Counter = Counter()
+        self.last = time.monotonic()
+
+    def add(self, status: str) -> None:
+        self.pending[status] += 1
+        if time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending and self.counter is not None:
+            self.counter.add.remote(dict(self.pending))
+        self.pending.clear()
+        self.last = time.monotonic()
+
+
+@dataclass
+class CrawlResult:
+    manifest: dict[str, Any]
+    failed_shards: dict[int, str] = field(default_factory=dict)
+    written: int = 0
+    skipped: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_shards
+
+
+ShardTask = Callable[..., dict[str, Any]]
+
+
+def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int, task: ShardTask,
+                config: Any, retry_failed: bool = False, max_in_flight: int | None = None,
+                task_retries: int = 3, quiet: bool = False) -> CrawlResult:
+    """Run `task(shard_id, rows, config, counter, retry_only)` over every shard of `reader`'s rows."""
+    out = ShardOutput(output)
+    out.remove_stale_temporaries()
+    done = out.done_shards()
+    init_ray()
+    counter = ProgressCounter.remote()
+    remote = ray.remote(task).options(num_cpus=1, max_retries=task_retries, retry_exceptions=False)
+    max_in_flight = max_in_flight or 2 * cluster_cpus()
+    console = Console(stderr=True, quiet=quiet)
+
+    stats_by_shard: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    pending: dict[Any, int] = {}
+    submitted = skipped = 0
+    start = time.time()
+
+    def collect(timeout: float) -> None:
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        for ref in ready:
+            sid = pending.pop(ref)
+            try:
+                stats_by_shard[sid] = ray.get(ref)
+            except Exception as exc:  # a shard that failed for good; the others go on
+                failed[sid] = f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("shards · {task.fields[rate]:.0f} rows/s · {task.fields[ok]:.1%} ok"),
+                        TimeElapsedColumn(), console=console, transient=False, disable=quiet)
+
+    with progress:
+        bar = progress.add_task(f"crawl {kind}", total=None, rate=0.0, ok=0.0)
+
+        def refresh() -> None:
+            counts = ray.get(counter.snapshot.remote())
+            rows = sum(counts.values())
+            elapsed = max(1e-9, time.time() - start)
+            progress.update(bar, completed=len(stats_by_shard) + len(failed), rate=rows / elapsed,
+                            ok=counts.get("success", 0) / rows if rows else 0.0)
+
+        for sid, rows in enumerate(reader.shards(shard_size)):
+            retry_only = False
+            if sid in done:
+                if not (retry_failed and _has_retryable(out, sid)):
+                    stats_by_shard[sid] = out.read_json(shard_files(sid)[2])
+                    skipped += 1
+                    continue
+                retry_only = True
+            while len(pending) >= max_in_flight:
+                collect(timeout=0.5)
+                refresh()
+            pending[remote.remote(sid, rows, config, counter, retry_only)] = sid
+            submitted += 1
+            progress.update(bar, total=submitted + skipped)
+        progress.update(bar, total=submitted + skipped)
+        while pending:
+            collect(timeout=0.5)
+            refresh()
+        refresh()
+
+    elapsed = time.time() - start
+    shard_stats = [stats_by_shard[s] for s in sorted(stats_by_shard)]
+    status = Counter()
+    for s in shard_stats:
+        status.update(s["status"])
+    crawled = [stats_by_shard[s] for s in stats_by_shard if s not in done or retry_failed]
+    crawled_rows = sum(s["count"] for s in crawled)
+    run_stats = {
+        "total": sum(status.values()),
+        "success": status.get("success", 0),
+        "status": dict(sorted(status.items())),
+        "shards_written": len(crawled),
+        "shards_skipped": skipped,
+        "shards_failed": len(failed),
+        "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(crawled_rows / elapsed, 1) if elapsed else 0.0,
+        "samples_per_s": round(sum(s["samples"] for s in crawled) / elapsed, 1) if elapsed else 0.0,
+    }
+    manifest = write_manifest(out, kind, config.model_dump(mode="json"), config.digest(), shard_stats, run_stats)
+    result = CrawlResult(manifest, failed, written=len(crawled), skipped=skipped)
+    if not quiet:
+        print_summary(console, kind, out.path(MANIFEST), result)
+    return result
+
+
+def _has_retryable(out: ShardOutput, sid: int) -> bool:
+    table = out.read_parquet(shard_files(sid)[1])
+    return "retryable" in table.column_names and any(table.column("retryable").to_pylist())
+
+
+def print_summary(console: Console, kind: str, manifest_path: str, result: CrawlResult) -> None:
+    stats = result.manifest["stats"]
+    table = Table(title=f"crawl {kind}: {manifest_path}", show_header=True)
+    table.add_column("status")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    total = max(1, stats["total"])
+    for status, n in sorted(stats["status"].items(), key=lambda kv: -kv[1]):
+        table.add_row(status, str(n), f"{n / total:.1%}")
+    table.add_section()
+    table.add_row("total", str(stats["total"]), "")
+    console.print(table)
+    console.print(f"{result.manifest['samples']} samples in {len(result.manifest['shards'])} shards "
+                  f"({result.written} written, {result.skipped} already done) · {stats['elapsed_s']:.1f}s · "
+                  f"{stats['samples_per_s']:.0f} samples/s")
+    for sid, why in sorted(result.failed_shards.items()):
+        console.print(f"[red]shard {sid:05d} failed: {why}[/red] (rerun the same command to resume)")

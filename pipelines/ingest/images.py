@@ -1,0 +1,173 @@
+"""`pipelines crawl images`: caption-image URL lists into WebDataset shards (img2dataset's layout)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipelines.config import ConfigModel
+from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
+from pipelines.ingest.fetch import FetchConfig, Fetcher
+from pipelines.ingest.imageproc import ImageConfig, ImageError, ImageProcessor
+from pipelines.ingest.reader import ROW_ERROR, InputReader
+from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, write_shard
+
+# Per-row metadata: a superset of img2dataset's. `retryable` marks transient failures.
+METADATA_SCHEMA = pa.schema([
+    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
+    ("error_message", pa.string()), ("http_status", pa.int32()), ("content_type", pa.string()),
+    ("bytes", pa.int64()), ("final_url", pa.string()), ("fetch_ms", pa.float64()),
+    ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
+    ("original_height", pa.int32()), ("sha256", pa.string()), ("retryable", pa.bool_()),
+])
+STATUSES = ("success", "failed_to_download", "not_an_image", "failed_to_decode", "too_large", "filtered",
+            "skipped_robots", "skipped_opt_out", "skipped_private_network", "invalid_url", "missing_caption")
+
+
+class ImageCrawlConfig(ConfigModel):
+    input: str = Field(description="URL list: jsonl/csv/tsv/parquet/txt file or folder, local or fsspec URL.")
+    output: str = Field(description="Output folder (local or fsspec URL).")
+    input_format: Literal["jsonl", "csv", "tsv", "parquet", "txt"] | None = Field(
+        None, description="Input format (default: from the file extension).")
+    url_col: str = Field("url", description="Column holding the image URL.")
+    caption_col: str | None = Field("caption", description="Column holding the caption ('' for none).")
+    require_caption: bool = Field(False, description="Record rows with an empty caption as failed.")
+    save_additional_columns: bool = Field(True, description="Carry other input columns into the metadata.")
+    shard_size: int = Field(1000, gt=0, description="Input rows per shard.")
+    image: ImageConfig = ImageConfig()
+    fetch: FetchConfig = FetchConfig()
+    decode_threads: int = Field(2, gt=0, description="Decode/resize threads per shard task.")
+    max_in_flight: int | None = Field(None, gt=0, description="Shard tasks queued at once (default 2 x cluster CPUs).")
+    task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard whose worker died.")
+    retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
+    quiet: bool = Field(False, description="No progress bar or summary.")
+
+
+def crawl_images(config: ImageCrawlConfig) -> CrawlResult:
+    """Crawl the URL list of `config.input` into shards under `config.output`."""
+    reader = InputReader(config.input, [config.url_col], config.input_format)
+    return run_sharded(kind="images", reader=reader, output=config.output, shard_size=config.shard_size,
+                       task=crawl_image_shard, config=config, retry_failed=config.retry_failed,
+                       max_in_flight=config.max_in_flight, task_retries=config.task_retries, quiet=config.quiet)
+
+
+def crawl_image_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageCrawlConfig, counter: Any,
+                      retry_only: bool = False) -> dict[str, Any]:
+    """One shard, in a Ray worker: fetch concurrently, decode on a thread pool, write atomically."""
+    return asyncio.run(_crawl_shard(shard_id, rows, config, counter, retry_only))
+
+
+def _row_meta(key: str, row: dict[str, Any], config: ImageCrawlConfig) -> dict[str, Any]:
+    meta: dict[str, Any] = {f.name: None for f in METADATA_SCHEMA}
+    if config.save_additional_columns:
+        for k, v in row.items():
+            if k not in (config.url_col, config.caption_col, ROW_ERROR) and k not in meta:
+                meta[k] = v
+    url, caption = row.get(config.url_col), row.get(config.caption_col) if config.caption_col else None
+    meta.update(key=key, url=None if url is None else str(url),
+                caption=None if caption is None else str(caption), retryable=False)
+    return meta
+
+
+def _decode(processor: ImageProcessor, data: bytes) -> tuple[str, Any]:
+    """sha256 of the bytes and the processed image or the ImageError (runs on the thread pool)."""
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        return digest, processor.process(data)
+    except ImageError as exc:
+        return digest, exc
+
+
+async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageCrawlConfig, counter: Any,
+                       retry_only: bool) -> dict[str, Any]:
+    started = time.time()
+    out = ShardOutput(config.output)
+    old_meta: dict[str, dict[str, Any]] = {}
+    old_samples: dict[str, dict[str, bytes]] = {}
+    if retry_only:
+        tar_name, parquet_name, _ = shard_files(shard_id)
+        old_meta = {r["key"]: r for r in out.read_parquet(parquet_name).to_pylist()}
+        old_samples = out.read_tar(tar_name)
+
+    processor = ImageProcessor(config.image)
+    progress = ProgressReporter(counter)
+    digits = len(str(config.shard_size - 1))
+    loop = asyncio.get_running_loop()
+    # The connector bounds connections; this bounds bodies held in memory awaiting decode.
+    in_flight = asyncio.Semaphore(config.fetch.concurrency)
+    samples: dict[str, dict[str, bytes]] = {}
+
+    with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode") as pool:
+        async with Fetcher(config.fetch, accept="image/*") as fetcher:
+
+            async def one(index: int, row: dict[str, Any]) -> dict[str, Any]:
+                key = f"{shard_id:05d}{index:0{digits}d}"
+                previous = old_meta.get(key)
+                if previous is not None and not previous.get("retryable"):
+                    if key in old_samples:
+                        samples[key] = old_samples[key]
+                    return previous
+                meta = _row_meta(key, row, config)
+                await _fill(meta, row)
+                if meta["status"] != "success":
+                    samples.pop(key, None)
+                progress.add(meta["status"])
+                return meta
+
+            async def _fill(meta: dict[str, Any], row: dict[str, Any]) -> None:
+                url = meta["url"]
+                if ROW_ERROR in row:
+                    meta.update(status="invalid_url", error_message=row[ROW_ERROR])
+                    return
+                if not url or not url.strip():
+                    meta.update(status="invalid_url", error_message=f"empty {config.url_col!r}")
+                    return
+                if config.require_caption and not (meta["caption"] or "").strip():
+                    meta.update(status="missing_caption", error_message=f"empty {config.caption_col!r}")
+                    return
+                async with in_flight:
+                    res = await fetcher.fetch(url.strip())
+                    meta.update(status=res.status, error_message=res.error_message, http_status=res.http_status,
+                                content_type=res.content_type, final_url=res.final_url,
+                                fetch_ms=round(res.fetch_ms, 1), retryable=res.retryable)
+                    if res.status != "success":
+                        return
+                    meta["bytes"] = len(res.data)
+                    digest, image = await loop.run_in_executor(pool, _decode, processor, res.data)
+                meta["sha256"] = digest
+                if isinstance(image, ImageError):
+                    meta.update(status=image.status, error_message=str(image))
+                    return
+                meta.update(width=image.width, height=image.height, original_width=image.original_width,
+                            original_height=image.original_height)
+                sample = {image.ext: image.data}
+                if meta["caption"] is not None:
+                    sample["txt"] = meta["caption"].encode()
+                sample["json"] = json.dumps(meta, default=str).encode()
+                samples[meta["key"]] = sample
+
+            metas = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+    progress.flush()
+
+    status = Counter(m["status"] for m in metas)
+    stats = {
+        "count": len(metas),
+        "successes": status.get("success", 0),
+        "failed_to_download": status.get("failed_to_download", 0),
+        "failed_to_resize": status.get("failed_to_decode", 0) + status.get("not_an_image", 0),
+        "status": dict(sorted(status.items())),
+        "retryable": sum(bool(m.get("retryable")) for m in metas),
+        "start_time": started,
+        "end_time": time.time(),
+        "duration": round(time.time() - started, 3),
+    }
+    ordered = ((k, samples[k]) for k in sorted(samples))
+    return write_shard(out, shard_id, ordered, metadata_table(metas, METADATA_SCHEMA), stats)

@@ -1,0 +1,192 @@
+"""WebDataset shards in img2dataset's layout, written so that no reader ever sees a partial one.
+
+A shard is `NNNNN.tar` (samples: `KEY.jpg`, `KEY.txt`, `KEY.json`), `NNNNN.parquet` (one row per
+input row, failures included) and `NNNNN_stats.json`. Each file is written under a temporary name
+and renamed (on object stores, uploaded whole: a PUT is atomic); the stats file goes last and marks
+the shard done. `manifest.json` lists every shard with its sample count and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines import __version__
+from pipelines.runtime import filesystem
+
+MANIFEST = "manifest.json"
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+def shard_files(shard_id: int) -> tuple[str, str, str]:
+    name = shard_name(shard_id)
+    return f"{name}.tar", f"{name}.parquet", f"{name}_stats.json"
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class ShardOutput:
+    """The output folder of a crawl (local path or fsspec URL)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = filesystem(url)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def done_shards(self) -> set[int]:
+        """Shards whose tar, parquet and stats are all in place."""
+        try:
+            names = {os.path.basename(p) for p in self.fs.ls(self.root, detail=False)}
+        except FileNotFoundError:
+            return set()
+        done = set()
+        for n in names:
+            if n.endswith("_stats.json") and n[:-11].isdigit():
+                sid = int(n[:-11])
+                if all(f in names for f in shard_files(sid)):
+                    done.add(sid)
+        return done
+
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporaries left by killed writers (local outputs only; object stores get whole PUTs)."""
+        if not _is_local(self.fs):
+            return
+        for p in self.fs.ls(self.root, detail=False):
+            if ".tmp-" in os.path.basename(p):
+                self.fs.rm(p)
+
+    def read_json(self, name: str) -> Any:
+        with self.fs.open(self.path(name), "rb") as f:
+            return json.load(f)
+
+    def read_parquet(self, name: str) -> pa.Table:
+        with self.fs.open(self.path(name), "rb") as f:
+            return pq.read_table(f)
+
+    def read_tar(self, name: str) -> dict[str, dict[str, bytes]]:
+        """Samples of a shard tar: key -> {extension: bytes}."""
+        samples: dict[str, dict[str, bytes]] = {}
+        with self.fs.open(self.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        return samples
+
+    def staging(self, name: str) -> str:
+        """A local path to write `name` to before `commit`."""
+        if _is_local(self.fs):
+            return self.path(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        return os.path.join(tempfile.mkdtemp(prefix="pipelines-"), name)
+
+    def commit(self, staged: str, name: str) -> None:
+        if _is_local(self.fs):
+            os.replace(staged, self.path(name))
+        else:
+            self.fs.put_file(staged, self.path(name))
+            os.remove(staged)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        staged = self.staging(name)
+        with open(staged, "wb") as f:
+            f.write(data)
+        self.commit(staged, name)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def metadata_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows as a table: known columns typed by `schema`, extra input columns after them.
+
+    An extra column whose values do not fit one Arrow type is stored as JSON text.
+    """
+    columns: dict[str, pa.Array] = {}
+    for f in schema:
+        columns[f.name] = pa.array([r.get(f.name) for r in rows], type=f.type)
+    extras: list[str] = []
+    for r in rows:
+        extras.extend(k for k in r if k not in columns and k not in extras)
+    for name in extras:
+        values = [r.get(name) for r in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def write_shard(out: ShardOutput, shard_id: int, samples: Iterable[tuple[str, dict[str, bytes]]],
+                table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+    """Write one shard's tar, parquet and stats (last); return the stats written."""
+    tar_name, parquet_name, stats_name = shard_files(shard_id)
+    staged_tar = out.staging(tar_name)
+    count = 0
+    with open(staged_tar, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0)
+        for key, files in samples:
+            writer.write({"__key__": key, **files})
+            count += 1
+        writer.close()
+    stats = dict(stats, shard=shard_name(shard_id), samples=count, tar_sha256=sha256_file(staged_tar))
+    out.commit(staged_tar, tar_name)
+    staged_parquet = out.staging(parquet_name)
+    pq.write_table(table, staged_parquet)
+    out.commit(staged_parquet, parquet_name)
+    out.write_bytes(stats_name, json.dumps(stats, indent=2).encode())
+    return stats
+
+
+def write_manifest(out: ShardOutput, kind: str, config: dict[str, Any], config_digest: str,
+                   shard_stats: list[dict[str, Any]], run_stats: dict[str, Any]) -> dict[str, Any]:
+    """Write `manifest.json`: every shard with its sample count and sha256, the config, the version.
+
+    `digest` identifies the shard set's content; later stages key caching and lineage on it.
+    """
+    shards = []
+    for s in sorted(shard_stats, key=lambda s: s["shard"]):
+        tar_name, parquet_name, stats_name = shard_files(int(s["shard"]))
+        shards.append({"name": s["shard"], "tar": tar_name, "parquet": parquet_name, "stats": stats_name,
+                       "samples": s["samples"], "rows": s["count"], "sha256": s["tar_sha256"]})
+    digest = hashlib.sha256("\n".join(f"{s['tar']} {s['sha256']} {s['samples']}" for s in shards).encode())
+    manifest = {
+        "format": "pipelines.shards/v1",
+        "kind": kind,
+        "digest": digest.hexdigest(),
+        "pipelines_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": config,
+        "config_digest": config_digest,
+        "samples": sum(s["samples"] for s in shards),
+        "stats": run_stats,
+        "shards": shards,
+    }
+    out.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest
