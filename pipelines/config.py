@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Literal
 
 import typer
 import yaml
+from rich.console import Console
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import PipelineError
@@ -97,7 +98,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
 def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Callable[..., Any]:
     """Wrap `run(config)` into a typer command whose options are the fields of `model`.
 
-    `--config FILE.yaml` loads a file; each option given on the command line overrides it.
+    `--config FILE.yaml` loads a file; each option given on the command line overrides it. A
+    PipelineError (bad config or input) is printed as one line and exits with code 2.
     """
     params = [inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
@@ -124,7 +126,11 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Calla
             if value is None or value == []:
                 continue
             overrides[tuple(name.split("__"))] = None if value == "" else value
-        return run(load_config(model, path, overrides))
+        try:
+            return run(load_config(model, path, overrides))
+        except PipelineError as exc:  # a user mistake: one line, no traceback
+            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = run.__doc__

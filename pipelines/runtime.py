@@ -50,6 +50,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # Ray enables token auth on a local cluster by default and warns about it at every start.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 

@@ -64,6 +64,12 @@ class InputReader:
         self.fmt = fmt
         self.block_size = block_size
         self.files = list_input_files(url, fmt)
+        self._check_first_file()
+
+    def _check_first_file(self) -> None:
+        """Fail fast, before any cluster work, on an unreadable first file or missing columns."""
+        for _ in self._rows_of(self.files[0]):
+            break
 
     def shards(self, shard_size: int) -> Iterator[list[dict[str, Any]]]:
         """Rows grouped into lists of `shard_size` (the last one shorter)."""
@@ -82,13 +88,16 @@ class InputReader:
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for path in self.files:
-            fmt = detect_format(path, self.fmt)
-            try:
-                yield from getattr(self, f"_rows_{fmt}")(path)
-            except PipelineError:
-                raise
-            except (OSError, pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
-                raise PipelineError(f"{path}: cannot read as {fmt}: {exc}") from exc
+            yield from self._rows_of(path)
+
+    def _rows_of(self, path: str) -> Iterator[dict[str, Any]]:
+        fmt = detect_format(path, self.fmt)
+        try:
+            yield from getattr(self, f"_rows_{fmt}")(path)
+        except PipelineError:
+            raise
+        except (OSError, pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
+            raise PipelineError(f"{path}: cannot read as {fmt}: {exc}") from exc
 
     def _open(self, path: str):
         fs, p = filesystem(path)
