@@ -16,8 +16,8 @@ What it does:
 
 Rates: "wall rate" = successes / whole-process wall time (start-up included) for both tools.
 "tool rate" = what each tool reports: img2dataset's final "total ... images per sec" line (which counts ALL rows,
-failures included, over the span of its shard stats), and our manifest's stats.samples_per_s (crawl time without
-process/Ray start-up). results.json also holds img2dataset's successes / shard-stats span for comparison.
+failures included, over the span of its shard stats), and our manifest's stats.rows_per_s (all rows, like
+img2dataset's, over the crawl time without process/Ray start-up). results.json also holds img2dataset's successes / shard-stats span for comparison.
 """
 import argparse
 import atexit
@@ -195,7 +195,8 @@ def run_ours(workdir, run, extra_args, timeout):
     try:
         stats = json.load(open(os.path.join(out, "manifest.json")))["stats"]
         rec.update(success=stats["success"], total=stats["total"], elapsed_s=stats["elapsed_s"],
-                   tool_rate=stats["samples_per_s"], tool_rate_source="manifest.json stats.samples_per_s")
+                   tool_rate=stats["rows_per_s"], tool_rate_source="manifest.json stats.rows_per_s",
+                   samples_per_s=stats["samples_per_s"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         output += f"\n[benchmark] could not read {out}/manifest.json stats: {e!r}"
     ok = rc == 0 and "success" in rec
