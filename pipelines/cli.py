@@ -6,29 +6,23 @@ import sys
 from typing import Any, Callable
 
 import typer
-from rich.console import Console
 
 from pipelines import __version__
 from pipelines.config import config_command
-from pipelines.errors import PipelineError
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
+from pipelines.ingest.text import TextCrawlConfig, crawl_text
 
 app = typer.Typer(help="From raw web data to a served generative model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 crawl_app = typer.Typer(help="Crawl URL lists and corpora into WebDataset shards.", no_args_is_help=True)
 app.add_typer(crawl_app, name="crawl")
-err = Console(stderr=True)
 
 
-def user_errors(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Turn a PipelineError into a one-line message and exit code 2; a crawl with failed shards exits 1."""
+def exit_nonzero_on_failure(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Exit code 1 when a job finished with failed shards (user mistakes exit 2 in `config_command`)."""
 
     def wrapper(config: Any) -> None:
-        try:
-            result = run(config)
-        except PipelineError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+        result = run(config)
         if result is not None and not getattr(result, "ok", True):
             raise typer.Exit(1)
 
@@ -36,7 +30,8 @@ def user_errors(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapper
 
 
-crawl_app.command("images")(config_command(ImageCrawlConfig, user_errors(crawl_images)))
+crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_failure(crawl_images)))
+crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Literal
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipelines.errors import PipelineError
@@ -111,7 +112,7 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Calla
             raise TypeError(f"option --{flag} is ambiguous: {seen[flag]} and {path}")
         seen[flag] = path
         cli_type, hint = _cli_type(field.annotation)
-        default_shown = "" if field.is_required() else f" [default: {field.default!r}]"
+        default_shown = "" if field.is_required() else escape(f" [default: {field.default!r}]")
         help_text = " ".join(filter(None, [field.description, hint])) + default_shown
         decls = [f"--{flag}/--no-{flag}"] if cli_type is bool else [f"--{flag}"]
         params.append(inspect.Parameter(

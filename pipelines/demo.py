@@ -76,7 +76,7 @@ def build_sample(root: Path, base_url: str, n_images: int = 240, n_pages: int = 
 
     docs = []
     for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
-        body = email.message_from_string(str(dist.metadata)).get_payload() or ""
+        body = email.message_from_string(dist.read_text("METADATA") or "").get_payload() or ""
         if len(body.split()) >= 120:
             docs.append((dist.metadata["Name"], body))
         if len(docs) >= n_pages:
@@ -128,25 +128,26 @@ def main() -> int:
     console.print(f"[bold]demo[/bold]: sample web served at {base} from {paths['www']}")
     try:
         fetch = {"allow_private_network": True}
-        runs = [
-            ("images", crawl_images(ImageCrawlConfig(input=str(paths["images"]), output=str(OUT / "shards/images"),
-                                                     shard_size=100, fetch=fetch))),
-            ("web pages", crawl_text(TextCrawlConfig(input=str(paths["pages"]), output=str(OUT / "shards/pages"),
-                                                     source="urls", shard_size=50, fetch=fetch))),
-            ("text files", crawl_text(TextCrawlConfig(input=str(paths["corpus"]),
-                                                      output=str(OUT / "shards/corpus"), shard_size=50))),
+        jobs = [
+            ("images", crawl_images, ImageCrawlConfig(input=str(paths["images"]), output=str(OUT / "shards/images"),
+                                                      shard_size=100, fetch=fetch)),
+            ("web pages", crawl_text, TextCrawlConfig(input=str(paths["pages"]), output=str(OUT / "shards/pages"),
+                                                      source="urls", shard_size=50, fetch=fetch)),
+            ("text files", crawl_text, TextCrawlConfig(input=str(paths["corpus"]),
+                                                       output=str(OUT / "shards/corpus"), shard_size=50)),
         ]
+        runs = [(name, config.output, crawl(config)) for name, crawl, config in jobs]
     finally:
         server.shutdown()
     table = Table(title="demo: ingest")
     for col in ("crawl", "rows", "samples", "shards", "manifest digest", "output"):
         table.add_column(col)
-    for name, result in runs:
+    for name, output, result in runs:
         m = result.manifest
         table.add_row(name, str(m["stats"]["total"]), str(m["samples"]), str(len(m["shards"])),
-                      m["digest"][:12], str(OUT / "shards" / name.split()[0]))
+                      m["digest"][:12], output)
     console.print(table)
-    ok = all(r.ok for _, r in runs)
+    ok = all(r.ok for _, _, r in runs)
     console.print("[green]demo finished[/green]" if ok else "[red]demo finished with failed shards[/red]")
     return 0 if ok else 1
 

@@ -52,7 +52,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # Ray enables token auth on a local cluster by default and warns about it at every start.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local": always a fresh in-process Ray, never a cluster someone else started on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
 
 
 def cluster_cpus() -> int:
