@@ -13,7 +13,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import typer
 import yaml
@@ -28,10 +28,12 @@ class ConfigModel(BaseModel):
     """Base of every config: unknown keys are errors, so a typo never passes silently."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Top-level fields that change how a job runs but not what it produces (left out of digest()).
+    run_options: ClassVar[frozenset[str]] = frozenset()
 
     def digest(self) -> str:
-        """A stable sha256 of the resolved config, for caching and lineage."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable sha256 of the fields that determine the output, for caching and lineage."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.run_options)), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipelines.errors import PipelineError
 from pipelines.ingest.reader import InputReader
 from pipelines.ingest.shards import MANIFEST, ShardOutput, shard_files, write_manifest
 from pipelines.runtime import cluster_cpus, init_ray
@@ -78,7 +79,13 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     """Run `task(shard_id, rows, config, counter, retry_only)` over every shard of `reader`'s rows."""
     out = ShardOutput(output)
     out.remove_stale_temporaries()
-    done = out.done_shards()
+    done_stats = {sid: out.read_json(shard_files(sid)[2]) for sid in sorted(out.done_shards())}
+    for sid, stats in done_stats.items():
+        if stats.get("config_digest") != config.digest():
+            raise PipelineError(
+                f"{output}: shard {sid:05d} was made with other settings (config digest "
+                f"{str(stats.get('config_digest'))[:12]}, now {config.digest()[:12]}); resume with the same "
+                "settings or write to another --output")
     init_ray()
     counter = ProgressCounter.remote()
     remote = ray.remote(task).options(num_cpus=1, max_retries=task_retries, retry_exceptions=False)
@@ -88,7 +95,8 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     stats_by_shard: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}
     pending: dict[Any, int] = {}
-    submitted = skipped = 0
+    submitted: set[int] = set()
+    skipped = 0
     start = time.time()
 
     def collect(timeout: float) -> None:
@@ -116,9 +124,9 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
 
         for sid, rows in enumerate(reader.shards(shard_size)):
             retry_only = False
-            if sid in done:
-                if not (retry_failed and _has_retryable(out, sid)):
-                    stats_by_shard[sid] = out.read_json(shard_files(sid)[2])
+            if sid in done_stats:
+                if not (retry_failed and done_stats[sid].get("retryable")):
+                    stats_by_shard[sid] = done_stats[sid]
                     skipped += 1
                     continue
                 retry_only = True
@@ -126,9 +134,9 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
                 collect(timeout=0.5)
                 refresh()
             pending[remote.remote(sid, rows, config, counter, retry_only)] = sid
-            submitted += 1
-            progress.update(bar, total=submitted + skipped)
-        progress.update(bar, total=submitted + skipped)
+            submitted.add(sid)
+            progress.update(bar, total=len(submitted) + skipped)
+        progress.update(bar, total=len(submitted) + skipped)
         while pending:
             collect(timeout=0.5)
             refresh()
@@ -139,7 +147,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     status = Counter()
     for s in shard_stats:
         status.update(s["status"])
-    crawled = [stats_by_shard[s] for s in stats_by_shard if s not in done or retry_failed]
+    crawled = [stats_by_shard[s] for s in sorted(submitted) if s in stats_by_shard]
     crawled_rows = sum(s["count"] for s in crawled)
     run_stats = {
         "total": sum(status.values()),
@@ -157,11 +165,6 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     if not quiet:
         print_summary(console, kind, out.path(MANIFEST), result)
     return result
-
-
-def _has_retryable(out: ShardOutput, sid: int) -> bool:
-    table = out.read_parquet(shard_files(sid)[1])
-    return "retryable" in table.column_names and any(table.column("retryable").to_pylist())
 
 
 def print_summary(console: Console, kind: str, manifest_path: str, result: CrawlResult) -> None:

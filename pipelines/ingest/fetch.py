@@ -10,7 +10,7 @@ redirects, each hop re-checked (scheme, robots, address); names resolving to pri
 link-local addresses refused at connection time (so DNS rebinding cannot slip through) unless
 `allow_private_network` is set.
 
-Limits apply per Fetcher, i.e. per worker process: with K shard tasks running at once, a host sees
+Limits apply per Fetcher, i.e. per shard task: with K shard tasks running at once, a host sees
 at most K x per_host_concurrency connections.
 """
 
@@ -38,6 +38,9 @@ USER_AGENT_TOKEN = "pipelines-crawler"
 DEFAULT_USER_AGENT = (f"{USER_AGENT_TOKEN}/{__version__} (research dataset crawler; "
                       "obeys robots.txt and X-Robots-Tag noai/noimageai)")
 REDIRECT_CODES = {301, 302, 303, 307, 308}
+ROBOTS_TTL_S = 24 * 3600
+# robots.txt rules per (origin, user agent), kept across the shard tasks a worker process runs.
+_ROBOTS_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
 
 
 class FetchConfig(ConfigModel):
@@ -81,8 +84,8 @@ def is_blocked_ip(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
-    return (addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-            or addr.is_multicast or addr.is_unspecified)
+    # Not global covers private, loopback, link-local, reserved, unspecified and shared (100.64/10).
+    return not addr.is_global or addr.is_multicast
 
 
 class GuardedResolver(AbstractResolver):
@@ -189,29 +192,30 @@ class Fetcher:
         start = time.perf_counter()
         attempt = 0
         while True:
+            attempt += 1
+            give_up = attempt > c.retries
             try:
-                async with asyncio.timeout(c.timeout):
-                    result = await self._fetch_once(url)
+                async with asyncio.timeout(c.timeout) as deadline:
+                    result = await self._fetch_once(url, deadline)
             except _Transient as exc:
                 failure = FetchResult("failed_to_download", url, str(exc), http_status=exc.http_status, retryable=True)
-                delay = c.backoff * 2 ** attempt * random.uniform(0.5, 1.5)
+                delay = c.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
                 if exc.retry_after is not None:
                     if exc.retry_after > c.max_retry_after:
                         failure.error_message += f" (Retry-After {exc.retry_after:.0f}s exceeds max_retry_after)"
-                        attempt = c.retries  # give up now, still retryable by a later run
+                        give_up = True  # still retryable by a later run
                     delay = max(delay, exc.retry_after)
             except TimeoutError:
                 failure = FetchResult("failed_to_download", url, f"timeout after {c.timeout:g}s", retryable=True)
-                delay = c.backoff * 2 ** attempt * random.uniform(0.5, 1.5)
+                delay = c.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
             else:
                 result.fetch_ms = (time.perf_counter() - start) * 1000
                 return result
-            if attempt >= c.retries:
+            if give_up:
                 failure.fetch_ms = (time.perf_counter() - start) * 1000
-                if attempt:
-                    failure.error_message += f" (after {attempt + 1} attempts)"
+                if attempt > 1:
+                    failure.error_message += f" (after {attempt} attempts)"
                 return failure
-            attempt += 1
             await asyncio.sleep(delay)
 
     # -- internals ---------------------------------------------------------------------------
@@ -235,7 +239,9 @@ class Fetcher:
                 return FetchResult("skipped_private_network", url, f"non-public address {host}")
         return None
 
-    async def _fetch_once(self, url: str) -> FetchResult:
+    async def _fetch_once(self, url: str, deadline: asyncio.Timeout) -> FetchResult:
+        """One attempt. Time spent waiting for robots.txt or the host's rate limit is not network
+        time, so it moves the deadline back rather than eating into it."""
         assert self._session is not None
         c = self.config
         seen = {url}
@@ -245,6 +251,7 @@ class Fetcher:
                 return bad
             parts = urlsplit(url)
             delay = 0.0
+            waited_from = time.monotonic()
             if c.respect_robots:
                 robots = await self._robots_for(f"{parts.scheme}://{parts.netloc}")
                 if isinstance(robots, str):
@@ -256,6 +263,8 @@ class Fetcher:
             if c.per_host_rate:
                 delay = max(delay, 1.0 / c.per_host_rate)
             await self._rate.wait(parts.netloc, delay)
+            if (when := deadline.when()) is not None:
+                deadline.reschedule(when + time.monotonic() - waited_from)
             try:
                 async with self._session.get(url, allow_redirects=False) as resp:
                     if resp.status in REDIRECT_CODES:
@@ -306,23 +315,41 @@ class Fetcher:
         return FetchResult("success", data=b"".join(chunks), headers=dict(resp.headers), **base)
 
     async def _robots_for(self, origin: str) -> Protego | str | None:
-        """Parsed robots.txt of an origin (None: no rules; str: everything disallowed, with why)."""
+        """Parsed robots.txt of an origin (None: no rules; str: everything disallowed, with why).
+
+        Loaded once per origin and kept for the worker process's later shards (RFC 9309 allows
+        caching for 24 hours). Shielded: a request timing out while waiting must not cancel the
+        load that the other requests to the origin share.
+        """
+        key = (origin, self.config.user_agent)
+        cached = _ROBOTS_CACHE.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ROBOTS_TTL_S:
+            return cached[1]
         fut = self._robots.get(origin)
         if fut is None:
             fut = self._robots[origin] = asyncio.ensure_future(self._load_robots(origin))
-        return await fut
 
-    async def _load_robots(self, origin: str) -> Protego | str | None:
+            def remember(f: asyncio.Future) -> None:
+                # Server errors and unreachable hosts are temporary: only real answers outlive this task.
+                if not f.cancelled() and f.exception() is None and f.result()[1]:
+                    _ROBOTS_CACHE[key] = (time.monotonic(), f.result()[0])
+
+            fut.add_done_callback(remember)
+        rules, _ = await asyncio.shield(fut)
+        return rules
+
+    async def _load_robots(self, origin: str) -> tuple[Protego | str | None, bool]:
+        """The rules and whether they may be cached (answers from the server, not outages)."""
         assert self._session is not None
         try:
             async with asyncio.timeout(self.config.timeout):
                 async with self._session.get(origin + "/robots.txt", max_redirects=5) as resp:
                     if resp.status >= 500 or resp.status == 429:
                         # RFC 9309 2.3.1.4: an unreachable robots.txt means everything is disallowed.
-                        return f"robots.txt unavailable (HTTP {resp.status})"
+                        return f"robots.txt unavailable (HTTP {resp.status})", False
                     if resp.status >= 400:
-                        return None  # RFC 9309 2.3.1.3: no robots.txt, no rules
+                        return None, True  # RFC 9309 2.3.1.3: no robots.txt, no rules
                     body = await resp.content.read(500 * 1024)  # RFC 9309: parse at least 500 KiB
-                    return Protego.parse(body.decode("utf-8", errors="replace"))
+                    return Protego.parse(body.decode("utf-8", errors="replace")), True
         except (aiohttp.ClientError, TimeoutError, OSError):
-            return None  # the host itself is unreachable: the page fetch will report why
+            return None, False  # the host itself is unreachable: the page fetch will report why

@@ -35,12 +35,27 @@ _JPEG_FLAGS = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in {
 
 
 def _has_jpeg_end(data: bytes) -> bool:
-    """A complete JPEG ends with EOI (FFD9); a few trailing bytes after it are tolerated.
+    """Whether the main image's entropy-coded data is followed by EOI (FFD9).
 
     libjpeg only warns on a truncated stream and OpenCV returns the image padded with grey, so
-    truncation is checked here. FFD9 cannot occur inside entropy-coded data (0xFF is stuffed).
+    truncation is checked here. The marker segments are walked up to the first start-of-scan, past
+    any EXIF thumbnail (which has its own EOI); FFD9 cannot occur inside entropy-coded data (0xFF is
+    stuffed), and bytes after EOI (motion photos append a video) are allowed.
     """
-    return data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) != -1
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i) != -1
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 class ImageConfig(ConfigModel):
@@ -157,6 +172,12 @@ class ImageProcessor:
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
                 self.check_size(width, height)
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    # 16/32-bit greyscale: scale to 8 bits (convert("RGB") would clip at 255).
+                    wide = np.asarray(im, dtype=np.float32)
+                    sixteen_bit = im.mode.startswith("I;16") or wide.max() > 255
+                    grey = (wide / 257.0 if sixteen_bit else wide).clip(0, 255).astype(np.uint8)
+                    return cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), width, height
                 if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                     rgba = im.convert("RGBA")
                     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -50,6 +50,9 @@ class ImageCrawlConfig(ConfigModel):
     retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
     quiet: bool = Field(False, description="No progress bar or summary.")
 
+    run_options = frozenset({"output", "fetch", "decode_threads", "max_in_flight", "task_retries", "retry_failed",
+                             "quiet"})
+
 
 def crawl_images(config: ImageCrawlConfig) -> CrawlResult:
     """Crawl the URL list of `config.input` into shards under `config.output`."""
@@ -159,6 +162,7 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
 
     status = Counter(m["status"] for m in metas)
     stats = {
+        "config_digest": config.digest(),
         "count": len(metas),
         "successes": status.get("success", 0),
         "failed_to_download": status.get("failed_to_download", 0),

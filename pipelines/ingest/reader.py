@@ -67,24 +67,21 @@ class InputReader:
         self._check_first_file()
 
     def _check_first_file(self) -> None:
-        """Fail fast, before any cluster work, on an unreadable first file or missing columns."""
-        for _ in self._rows_of(self.files[0]):
-            break
+        """Fail fast, before any cluster work, on an unreadable file, missing columns or no rows."""
+        for _ in self.rows():
+            return
+        raise PipelineError(f"{self.url}: input is empty (no rows)")
 
     def shards(self, shard_size: int) -> Iterator[list[dict[str, Any]]]:
         """Rows grouped into lists of `shard_size` (the last one shorter)."""
         batch: list[dict[str, Any]] = []
-        total = 0
         for row in self.rows():
             batch.append(row)
-            total += 1
             if len(batch) == shard_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
-        if total == 0:
-            raise PipelineError(f"{self.url}: input is empty (no rows)")
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for path in self.files:
@@ -111,7 +108,7 @@ class InputReader:
     def _rows_jsonl(self, path: str) -> Iterator[dict[str, Any]]:
         checked = False
         with self._open(path) as raw:
-            for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), 1):
+            for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -128,7 +125,8 @@ class InputReader:
 
     def _rows_delimited(self, path: str, delimiter: str) -> Iterator[dict[str, Any]]:
         with self._open(path) as f:
-            header = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
+            # utf-8-sig: spreadsheet exports start with a byte-order mark that is not part of the name.
+            header = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
         if not header:
             return
         columns = next(csv.reader([header], delimiter=delimiter))
@@ -137,7 +135,8 @@ class InputReader:
             bad: list[dict[str, Any]] = []
 
             def keep_bad_row(row: Any) -> str:
-                bad.append({ROW_ERROR: f"{path} line {row.number}: expected {row.expected_columns} "
+                where = f"line {row.number}" if row.number is not None else f"row {row.text[:80]!r}"
+                bad.append({ROW_ERROR: f"{path} {where}: expected {row.expected_columns} "
                                        f"fields, got {row.actual_columns}"})
                 return "skip"
 

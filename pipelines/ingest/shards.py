@@ -25,6 +25,7 @@ import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines import __version__
+from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
 
 MANIFEST = "manifest.json"
@@ -49,7 +50,12 @@ class ShardOutput:
     def __init__(self, url: str):
         self.url = url
         self.fs, self.root = filesystem(url)
-        self.fs.makedirs(self.root, exist_ok=True)
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            if not self.fs.isdir(self.root):
+                raise NotADirectoryError(url)
+        except OSError as exc:
+            raise PipelineError(f"{url}: cannot use as output folder ({type(exc).__name__}: {exc})") from exc
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"

@@ -81,6 +81,9 @@ class TextCrawlConfig(ConfigModel):
     retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
     quiet: bool = Field(False, description="No progress bar or summary.")
 
+    run_options = frozenset({"output", "fetch", "decode_threads", "max_in_flight", "task_retries", "retry_failed",
+                             "quiet"})
+
 
 def crawl_text(config: TextCrawlConfig) -> CrawlResult:
     """Crawl the corpus or URL list of `config.input` into text shards under `config.output`."""
@@ -131,6 +134,7 @@ def crawl_text_shard(shard_id: int, rows: list[dict[str, Any]], config: TextCraw
     ordered = [metas[i] for i in sorted(metas)]
     status = Counter(m["status"] for m in ordered)
     stats = {
+        "config_digest": config.digest(),
         "count": len(ordered),
         "successes": status.get("success", 0),
         "failed_to_download": status.get("failed_to_download", 0),
