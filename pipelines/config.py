@@ -28,12 +28,13 @@ class ConfigModel(BaseModel):
     """Base of every config: unknown keys are errors, so a typo never passes silently."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    # Top-level fields that change how a job runs but not what it produces (left out of digest()).
-    run_options: ClassVar[frozenset[str]] = frozenset()
+    # Fields that change how a job runs but not what it produces, left out of digest(); in
+    # pydantic's `exclude` form: {"quiet": True, "fetch": {"timeout", ...}}.
+    run_options: ClassVar[dict[str, Any]] = {}
 
     def digest(self) -> str:
         """A stable sha256 of the fields that determine the output, for caching and lineage."""
-        blob = json.dumps(self.model_dump(mode="json", exclude=set(self.run_options)), sort_keys=True).encode()
+        blob = json.dumps(self.model_dump(mode="json", exclude=self.run_options), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 

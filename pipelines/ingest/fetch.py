@@ -62,6 +62,12 @@ class FetchConfig(ConfigModel):
         "Allow URLs resolving to private, loopback or link-local addresses (tests, intranets)."))
 
 
+# Fetch settings that change how fast or how hard a crawl runs, not which rows may become samples
+# (robots, opt-out, byte cap and address rules do decide that, so they stay in config digests).
+FETCH_RUN_OPTIONS = {"user_agent", "timeout", "retries", "backoff", "max_retry_after", "concurrency",
+                     "per_host_concurrency", "per_host_rate"}
+
+
 @dataclass
 class FetchResult:
     status: str  # success or a failure status of the row
@@ -169,6 +175,7 @@ class Fetcher:
         self.accept = accept
         self._robots: dict[str, asyncio.Future] = {}
         self._rate = HostRateLimiter()
+        self._host_slots: dict[str, asyncio.Semaphore] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Fetcher":
@@ -240,8 +247,8 @@ class Fetcher:
         return None
 
     async def _fetch_once(self, url: str, deadline: asyncio.Timeout) -> FetchResult:
-        """One attempt. Time spent waiting for robots.txt or the host's rate limit is not network
-        time, so it moves the deadline back rather than eating into it."""
+        """One attempt, redirects included. Waiting for robots.txt, the host's rate limit or a free
+        connection to the host is politeness, not network time: the deadline is paused meanwhile."""
         assert self._session is not None
         c = self.config
         seen = {url}
@@ -250,12 +257,15 @@ class Fetcher:
             if bad is not None:
                 return bad
             parts = urlsplit(url)
+            loop = asyncio.get_running_loop()
+            when = deadline.when()
+            remaining = None if when is None else when - loop.time()
+            deadline.reschedule(None)
             delay = 0.0
-            waited_from = time.monotonic()
             if c.respect_robots:
                 robots = await self._robots_for(f"{parts.scheme}://{parts.netloc}")
-                if isinstance(robots, str):
-                    return FetchResult("skipped_robots", url, robots, final_url=url)
+                if isinstance(robots, str):  # robots.txt unreachable: a later run may succeed
+                    return FetchResult("skipped_robots", url, robots, final_url=url, retryable=True)
                 if robots is not None:
                     if not robots.can_fetch(url, USER_AGENT_TOKEN):
                         return FetchResult("skipped_robots", url, "disallowed by robots.txt", final_url=url)
@@ -263,34 +273,44 @@ class Fetcher:
             if c.per_host_rate:
                 delay = max(delay, 1.0 / c.per_host_rate)
             await self._rate.wait(parts.netloc, delay)
-            if (when := deadline.when()) is not None:
-                deadline.reschedule(when + time.monotonic() - waited_from)
-            try:
-                async with self._session.get(url, allow_redirects=False) as resp:
-                    if resp.status in REDIRECT_CODES:
-                        location = resp.headers.get("Location")
-                        if not location:
-                            return FetchResult("failed_to_download", url, f"HTTP {resp.status} without Location",
-                                               http_status=resp.status)
-                        url = urljoin(str(resp.url), location)
-                        if url in seen:
-                            return FetchResult("failed_to_download", url, "redirect loop", http_status=resp.status)
-                        seen.add(url)
-                        continue
-                    return await self._read(resp, url)
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(getattr(exc, "os_error", None), BlockedAddress):
-                    return FetchResult("skipped_private_network", url, str(exc.os_error))
-                if isinstance(exc, aiohttp.ClientConnectorDNSError):
-                    return FetchResult("failed_to_download", url, f"DNS: {exc.os_error}")
-                raise _Transient(f"connection error: {exc.os_error}") from exc
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
-                raise _Transient(f"connection error: {type(exc).__name__}: {exc}") from exc
-            except aiohttp.ClientResponseError as exc:  # malformed response
-                return FetchResult("failed_to_download", url, f"bad response: {exc.message}")
-            except aiohttp.InvalidURL as exc:
-                return FetchResult("invalid_url", url, f"invalid URL: {exc}")
+            slot = self._host_slots.setdefault(parts.netloc, asyncio.Semaphore(c.per_host_concurrency))
+            async with slot:
+                if remaining is not None:
+                    deadline.reschedule(loop.time() + remaining)
+                result = await self._request(url, seen)
+            if isinstance(result, FetchResult):
+                return result
+            url = result  # the next hop of a redirect
         return FetchResult("failed_to_download", url, f"too many redirects (>{c.max_redirects})")
+
+    async def _request(self, url: str, seen: set[str]) -> FetchResult | str:
+        """GET one URL: its result, or the URL a redirect points to."""
+        assert self._session is not None
+        try:
+            async with self._session.get(url, allow_redirects=False) as resp:
+                if resp.status in REDIRECT_CODES:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        return FetchResult("failed_to_download", url, f"HTTP {resp.status} without Location",
+                                           http_status=resp.status)
+                    url = urljoin(str(resp.url), location)
+                    if url in seen:
+                        return FetchResult("failed_to_download", url, "redirect loop", http_status=resp.status)
+                    seen.add(url)
+                    return url
+                return await self._read(resp, url)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(getattr(exc, "os_error", None), BlockedAddress):
+                return FetchResult("skipped_private_network", url, str(exc.os_error))
+            if isinstance(exc, aiohttp.ClientConnectorDNSError):
+                return FetchResult("failed_to_download", url, f"DNS: {exc.os_error}")
+            raise _Transient(f"connection error: {exc.os_error}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as exc:
+            raise _Transient(f"connection error: {type(exc).__name__}: {exc}") from exc
+        except aiohttp.ClientResponseError as exc:  # malformed response
+            return FetchResult("failed_to_download", url, f"bad response: {exc.message}")
+        except aiohttp.InvalidURL as exc:
+            return FetchResult("invalid_url", url, f"invalid URL: {exc}")
 
     async def _read(self, resp: aiohttp.ClientResponse, url: str) -> FetchResult:
         c = self.config
@@ -351,5 +371,11 @@ class Fetcher:
                         return None, True  # RFC 9309 2.3.1.3: no robots.txt, no rules
                     body = await resp.content.read(500 * 1024)  # RFC 9309: parse at least 500 KiB
                     return Protego.parse(body.decode("utf-8", errors="replace")), True
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError,
+                aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):  # refused: the page fetch will say why
+                return None, False
+            # RFC 9309 2.3.1.4: robots.txt unreachable (the server answered nothing usable) -> disallow.
+            return f"robots.txt unreachable ({type(exc).__name__})", False
+        except (aiohttp.ClientError, OSError):
             return None, False  # the host itself is unreachable: the page fetch will report why

@@ -26,7 +26,7 @@ from trafilatura.settings import set_date_params
 
 from pipelines.config import ConfigModel
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
-from pipelines.ingest.fetch import FetchConfig, Fetcher
+from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
 from pipelines.ingest.reader import ROW_ERROR, InputReader
 from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, write_shard
 
@@ -81,8 +81,8 @@ class TextCrawlConfig(ConfigModel):
     retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
     quiet: bool = Field(False, description="No progress bar or summary.")
 
-    run_options = frozenset({"output", "fetch", "decode_threads", "max_in_flight", "task_retries", "retry_failed",
-                             "quiet"})
+    run_options = {"output": True, "fetch": FETCH_RUN_OPTIONS, "max_in_flight": True,
+                   "task_retries": True, "retry_failed": True, "quiet": True}
 
 
 def crawl_text(config: TextCrawlConfig) -> CrawlResult:
