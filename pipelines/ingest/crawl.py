@@ -141,6 +141,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
             collect(timeout=0.5)
             refresh()
         refresh()
+    out.remove_stale_temporaries()  # left by workers killed mid-shard; no writer is active any more
 
     elapsed = time.time() - start
     shard_stats = [stats_by_shard[s] for s in sorted(stats_by_shard)]

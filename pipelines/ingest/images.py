@@ -18,7 +18,7 @@ from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
 from pipelines.ingest.imageproc import ImageConfig, ImageError, ImageProcessor
 from pipelines.ingest.reader import ROW_ERROR, InputReader
-from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, write_shard
+from pipelines.ingest.shards import ShardOutput, ShardWriter, metadata_table, shard_files
 
 # Per-row metadata: a superset of img2dataset's. `retryable` marks transient failures.
 METADATA_SCHEMA = pa.schema([
@@ -106,58 +106,60 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
     loop = asyncio.get_running_loop()
     # The connector bounds connections; this bounds bodies held in memory awaiting decode.
     in_flight = asyncio.Semaphore(config.fetch.concurrency)
-    samples: dict[str, dict[str, bytes]] = {}
+    # Samples stream into the staged tar as they complete: finishing the shard costs little.
+    writer = ShardWriter(out, shard_id)
 
-    with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode") as pool:
-        async with Fetcher(config.fetch, accept="image/*") as fetcher:
+    async def one(index: int, row: dict[str, Any]) -> dict[str, Any]:
+        key = f"{shard_id:05d}{index:0{digits}d}"
+        previous = old_meta.get(key)
+        if previous is not None and not previous.get("retryable"):
+            if key in old_samples:
+                writer.add(key, old_samples[key])
+            return previous
+        meta = _row_meta(key, row, config)
+        await fill(meta, row)
+        progress.add(meta["status"])
+        return meta
 
-            async def one(index: int, row: dict[str, Any]) -> dict[str, Any]:
-                key = f"{shard_id:05d}{index:0{digits}d}"
-                previous = old_meta.get(key)
-                if previous is not None and not previous.get("retryable"):
-                    if key in old_samples:
-                        samples[key] = old_samples[key]
-                    return previous
-                meta = _row_meta(key, row, config)
-                await _fill(meta, row)
-                if meta["status"] != "success":
-                    samples.pop(key, None)
-                progress.add(meta["status"])
-                return meta
+    async def fill(meta: dict[str, Any], row: dict[str, Any]) -> None:
+        url = meta["url"]
+        if ROW_ERROR in row:
+            meta.update(status="invalid_url", error_message=row[ROW_ERROR])
+            return
+        if not url or not url.strip():
+            meta.update(status="invalid_url", error_message=f"empty {config.url_col!r}")
+            return
+        if config.require_caption and not (meta["caption"] or "").strip():
+            meta.update(status="missing_caption", error_message=f"empty {config.caption_col!r}")
+            return
+        async with in_flight:
+            res = await fetcher.fetch(url.strip())
+            meta.update(status=res.status, error_message=res.error_message, http_status=res.http_status,
+                        content_type=res.content_type, final_url=res.final_url,
+                        fetch_ms=round(res.fetch_ms, 1), retryable=res.retryable)
+            if res.status != "success":
+                return
+            meta["bytes"] = len(res.data)
+            digest, image = await loop.run_in_executor(pool, _decode, processor, res.data)
+        meta["sha256"] = digest
+        if isinstance(image, ImageError):
+            meta.update(status=image.status, error_message=str(image))
+            return
+        meta.update(width=image.width, height=image.height, original_width=image.original_width,
+                    original_height=image.original_height)
+        sample = {image.ext: image.data}
+        if meta["caption"] is not None:
+            sample["txt"] = meta["caption"].encode()
+        sample["json"] = json.dumps(meta, default=str).encode()
+        writer.add(meta["key"], sample)
 
-            async def _fill(meta: dict[str, Any], row: dict[str, Any]) -> None:
-                url = meta["url"]
-                if ROW_ERROR in row:
-                    meta.update(status="invalid_url", error_message=row[ROW_ERROR])
-                    return
-                if not url or not url.strip():
-                    meta.update(status="invalid_url", error_message=f"empty {config.url_col!r}")
-                    return
-                if config.require_caption and not (meta["caption"] or "").strip():
-                    meta.update(status="missing_caption", error_message=f"empty {config.caption_col!r}")
-                    return
-                async with in_flight:
-                    res = await fetcher.fetch(url.strip())
-                    meta.update(status=res.status, error_message=res.error_message, http_status=res.http_status,
-                                content_type=res.content_type, final_url=res.final_url,
-                                fetch_ms=round(res.fetch_ms, 1), retryable=res.retryable)
-                    if res.status != "success":
-                        return
-                    meta["bytes"] = len(res.data)
-                    digest, image = await loop.run_in_executor(pool, _decode, processor, res.data)
-                meta["sha256"] = digest
-                if isinstance(image, ImageError):
-                    meta.update(status=image.status, error_message=str(image))
-                    return
-                meta.update(width=image.width, height=image.height, original_width=image.original_width,
-                            original_height=image.original_height)
-                sample = {image.ext: image.data}
-                if meta["caption"] is not None:
-                    sample["txt"] = meta["caption"].encode()
-                sample["json"] = json.dumps(meta, default=str).encode()
-                samples[meta["key"]] = sample
-
-            metas = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+    try:
+        with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode") as pool:
+            async with Fetcher(config.fetch, accept="image/*") as fetcher:
+                metas = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+    except BaseException:
+        writer.abort()
+        raise
     progress.flush()
 
     status = Counter(m["status"] for m in metas)
@@ -173,5 +175,4 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
         "end_time": time.time(),
         "duration": round(time.time() - started, 3),
     }
-    ordered = ((k, samples[k]) for k in sorted(samples))
-    return write_shard(out, shard_id, ordered, metadata_table(metas, METADATA_SCHEMA), stats)
+    return writer.close(metadata_table(metas, METADATA_SCHEMA), stats)

@@ -121,14 +121,6 @@ class ShardOutput:
         self.commit(staged, name)
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def metadata_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     """Rows as a table: known columns typed by `schema`, extra input columns after them.
 
@@ -149,25 +141,68 @@ def metadata_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.table(columns)
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through, so the tar's sha256 needs no second read."""
+
+    def __init__(self, f: Any, digest: Any):
+        self.f, self.digest = f, digest
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class ShardWriter:
+    """Writes one shard: samples stream into a staged tar as they are ready (so finishing a shard
+    costs only its parquet and stats), then `close` publishes tar, parquet and stats, stats last."""
+
+    def __init__(self, out: ShardOutput, shard_id: int):
+        self.out, self.shard_id = out, shard_id
+        self.count = 0
+        self._names = shard_files(shard_id)
+        self._staged_tar = out.staging(self._names[0])
+        self._file = open(self._staged_tar, "wb")
+        self._sha = hashlib.sha256()
+        self._tar = wds.TarWriter(_HashingFile(self._file, self._sha), encoder=False, mtime=0)
+
+    def add(self, key: str, files: dict[str, bytes]) -> None:
+        self._tar.write({"__key__": key, **files})
+        self.count += 1
+
+    def close(self, table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
+        """Publish the shard; return the stats written."""
+        tar_name, parquet_name, stats_name = self._names
+        self._tar.close()
+        self._file.close()
+        stats = dict(stats, shard=shard_name(self.shard_id), samples=self.count, tar_sha256=self._sha.hexdigest())
+        self.out.commit(self._staged_tar, tar_name)
+        staged_parquet = self.out.staging(parquet_name)
+        pq.write_table(table, staged_parquet)
+        self.out.commit(staged_parquet, parquet_name)
+        self.out.write_bytes(stats_name, json.dumps(stats, indent=2).encode())
+        return stats
+
+    def abort(self) -> None:
+        """Drop the staged tar (the shard stays not done)."""
+        self._file.close()
+        if os.path.exists(self._staged_tar):
+            os.remove(self._staged_tar)
+
+
 def write_shard(out: ShardOutput, shard_id: int, samples: Iterable[tuple[str, dict[str, bytes]]],
                 table: pa.Table, stats: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard's tar, parquet and stats (last); return the stats written."""
-    tar_name, parquet_name, stats_name = shard_files(shard_id)
-    staged_tar = out.staging(tar_name)
-    count = 0
-    with open(staged_tar, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0)
+    """Write one shard whose samples are all at hand; return the stats written."""
+    writer = ShardWriter(out, shard_id)
+    try:
         for key, files in samples:
-            writer.write({"__key__": key, **files})
-            count += 1
-        writer.close()
-    stats = dict(stats, shard=shard_name(shard_id), samples=count, tar_sha256=sha256_file(staged_tar))
-    out.commit(staged_tar, tar_name)
-    staged_parquet = out.staging(parquet_name)
-    pq.write_table(table, staged_parquet)
-    out.commit(staged_parquet, parquet_name)
-    out.write_bytes(stats_name, json.dumps(stats, indent=2).encode())
-    return stats
+            writer.add(key, files)
+        return writer.close(table, stats)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def write_manifest(out: ShardOutput, kind: str, config: dict[str, Any], config_digest: str,
