@@ -18,7 +18,7 @@ from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
 from pipelines.ingest.imageproc import ImageConfig, ImageError, ImageProcessor
 from pipelines.ingest.reader import ROW_ERROR, InputReader
-from pipelines.ingest.shards import ShardOutput, ShardWriter, metadata_table, shard_files
+from pipelines.ingest.shards import ShardOutput, ShardWriter, metadata_table, shard_files, shard_stats
 
 # Per-row metadata: a superset of img2dataset's. `retryable` marks transient failures.
 METADATA_SCHEMA = pa.schema([
@@ -163,16 +163,6 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
     progress.flush()
 
     status = Counter(m["status"] for m in metas)
-    stats = {
-        "config_digest": config.digest(),
-        "count": len(metas),
-        "successes": status.get("success", 0),
-        "failed_to_download": status.get("failed_to_download", 0),
-        "failed_to_resize": status.get("failed_to_decode", 0) + status.get("not_an_image", 0),
-        "status": dict(sorted(status.items())),
-        "retryable": sum(bool(m.get("retryable")) for m in metas),
-        "start_time": started,
-        "end_time": time.time(),
-        "duration": round(time.time() - started, 3),
-    }
+    stats = shard_stats(config.digest(), metas, started,
+                        failed_to_resize=status.get("failed_to_decode", 0) + status.get("not_an_image", 0))
     return writer.close(metadata_table(metas, METADATA_SCHEMA), stats)

@@ -9,6 +9,7 @@ the shard done. `manifest.json` lists every shard with its sample count and sha2
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import io
 import json
 import os
@@ -138,6 +139,23 @@ def metadata_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
         except (pa.ArrowInvalid, pa.ArrowTypeError):
             columns[name] = pa.array([None if v is None else json.dumps(v, default=str) for v in values], pa.string())
     return pa.table(columns)
+
+
+def shard_stats(config_digest: str, metas: list[dict[str, Any]], started: float, **extra: Any) -> dict[str, Any]:
+    """A shard's `_stats.json` fields from its rows' metadata (img2dataset's names plus ours)."""
+    status = Counter(m["status"] for m in metas)
+    return {
+        "config_digest": config_digest,
+        "count": len(metas),
+        "successes": status.get("success", 0),
+        "failed_to_download": status.get("failed_to_download", 0),
+        **extra,
+        "status": dict(sorted(status.items())),
+        "retryable": sum(bool(m.get("retryable")) for m in metas),
+        "start_time": started,
+        "end_time": time.time(),
+        "duration": round(time.time() - started, 3),
+    }
 
 
 class TarStream:

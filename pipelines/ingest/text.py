@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +27,7 @@ from pipelines.config import ConfigModel
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
 from pipelines.ingest.reader import ROW_ERROR, InputReader
-from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, write_shard
+from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, shard_stats, write_shard
 
 # Per-row metadata. `bytes` is the size of the document as read (the page body, or the input text);
 # `retryable` marks transient fetch failures.
@@ -132,19 +131,8 @@ def crawl_text_shard(shard_id: int, rows: list[dict[str, Any]], config: TextCraw
         metas[index] = meta
 
     ordered = [metas[i] for i in sorted(metas)]
-    status = Counter(m["status"] for m in ordered)
-    stats = {
-        "config_digest": config.digest(),
-        "count": len(ordered),
-        "successes": status.get("success", 0),
-        "failed_to_download": status.get("failed_to_download", 0),
-        "status": dict(sorted(status.items())),
-        "retryable": sum(bool(m.get("retryable")) for m in ordered),
-        "chars": sum(m["chars"] or 0 for m in ordered if m["status"] == "success"),
-        "start_time": started,
-        "end_time": time.time(),
-        "duration": round(time.time() - started, 3),
-    }
+    stats = shard_stats(config.digest(), ordered, started,
+                        chars=sum(m["chars"] or 0 for m in ordered if m["status"] == "success"))
     return write_shard(out, shard_id, ((k, samples[k]) for k in sorted(samples)),
                        metadata_table(ordered, METADATA_SCHEMA), stats)
 
