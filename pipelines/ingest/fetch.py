@@ -230,7 +230,7 @@ class Fetcher:
         try:
             parts = urlsplit(url)
             host = parts.hostname
-            parts.port  # raises ValueError on a bad port
+            _ = parts.port  # raises ValueError on a bad port
         except ValueError as exc:
             return FetchResult("invalid_url", url, f"unparseable URL: {exc}")
         if parts.scheme not in ("http", "https"):
@@ -252,7 +252,7 @@ class Fetcher:
         assert self._session is not None
         c = self.config
         seen = {url}
-        for hop in range(c.max_redirects + 1):
+        for _ in range(c.max_redirects + 1):
             bad = self._check_url(url)
             if bad is not None:
                 return bad

@@ -125,7 +125,7 @@ def crawl_text_shard(shard_id: int, rows: list[dict[str, Any]], config: TextCraw
     else:
         texts = asyncio.run(_texts_from_pages([(meta, row) for _, meta, row in todo], config, progress))
     progress.flush()
-    for (index, meta, _), text in zip(todo, texts):
+    for (index, meta, _), text in zip(todo, texts, strict=True):
         if text is not None:
             samples[meta["key"]] = {"txt": text.encode(), "json": json.dumps(meta, default=str).encode()}
         metas[index] = meta

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from itertools import pairwise
 
 import pytest
 
-from pipelines.ingest.fetch import (DEFAULT_USER_AGENT, FetchConfig, Fetcher, FetchResult, is_blocked_ip,
-                                    opt_out_directive, parse_retry_after)
+from pipelines.ingest.fetch import (
+    DEFAULT_USER_AGENT,
+    FetchConfig,
+    Fetcher,
+    FetchResult,
+    is_blocked_ip,
+    opt_out_directive,
+    parse_retry_after,
+)
 from tests.conftest import closed_port_url
 
 LOCAL = dict(allow_private_network=True, retries=0, backoff=0.01, timeout=2.0)
@@ -88,7 +96,7 @@ def test_retries_exhausted_reports_attempts_and_backs_off(web):
     assert r.error_message == "HTTP 503 (after 3 attempts)"
     assert web.hits("/unavailable/9/x") == 3
     times = [q.at for q in web.requests if q.path == "/unavailable/9/x"]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     # Exponential backoff with jitter in [0.5, 1.5): 0.2 s then 0.4 s nominal.
     assert 0.1 <= gaps[0] < 0.5 and 0.2 <= gaps[1] < 0.9, gaps
     assert elapsed >= 0.3
@@ -136,7 +144,7 @@ def test_deadline_is_per_attempt(web):
 # -- politeness limits ---------------------------------------------------------------------------
 def request_gaps(web, prefix: str) -> list[float]:
     times = sorted(q.at for q in web.requests if q.path.startswith(prefix))
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in pairwise(times)]
 
 
 def test_crawl_delay_spaces_requests_to_a_host(make_web):
@@ -174,7 +182,7 @@ def test_waiting_for_crawl_delay_does_not_count_against_the_deadline(make_web):
     results = fetch_all([host.url(f"/img/{i}.jpg") for i in range(5)], timeout=1.0)
     assert [r.status for r in results] == ["success"] * 5
     times = sorted(q.at for q in host.requests if q.path.startswith("/img/"))
-    assert all(b - a >= 0.35 for a, b in zip(times, times[1:]))  # Crawl-delay honoured
+    assert all(b - a >= 0.35 for a, b in pairwise(times))  # Crawl-delay honoured
 
 
 # -- redirects -----------------------------------------------------------------------------------

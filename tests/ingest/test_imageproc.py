@@ -62,7 +62,7 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 # -- resize modes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", list(EXPECTED_64))
 def test_resize_mode_sizes_match_img2dataset(photos, mode):
-    for photo, expected in zip(photos, EXPECTED_64[mode]):
+    for photo, expected in zip(photos, EXPECTED_64[mode], strict=True):
         out, _ = process(photo.data, image_size=64, resize_mode=mode)
         assert (out.width, out.height) == expected, (photo.name, mode)
         assert (out.original_width, out.original_height) == (photo.width, photo.height)
@@ -71,7 +71,7 @@ def test_resize_mode_sizes_match_img2dataset(photos, mode):
 
 @pytest.mark.parametrize("mode", ["keep_ratio", "keep_ratio_largest"])
 def test_resize_only_if_bigger(photos, mode):
-    for photo, small, up in zip(photos, EXPECTED_400_ONLY_BIGGER[mode], EXPECTED_400_UPSCALE[mode]):
+    for photo, small, up in zip(photos, EXPECTED_400_ONLY_BIGGER[mode], EXPECTED_400_UPSCALE[mode], strict=True):
         out, _ = process(photo.data, image_size=400, resize_mode=mode, resize_only_if_bigger=True)
         assert (out.width, out.height) == small, photo.name
         out, _ = process(photo.data, image_size=400, resize_mode=mode)
