@@ -79,12 +79,13 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     """Run `task(shard_id, rows, config, counter, retry_only)` over every shard of `reader`'s rows."""
     out = ShardOutput(output)
     out.remove_stale_temporaries()
+    digest = config.digest()
     done_stats = {sid: out.read_json(shard_files(sid)[2]) for sid in sorted(out.done_shards())}
     for sid, stats in done_stats.items():
-        if stats.get("config_digest") != config.digest():
+        if stats.get("config_digest") != digest:
             raise PipelineError(
                 f"{output}: shard {sid:05d} was made with other settings (config digest "
-                f"{str(stats.get('config_digest'))[:12]}, now {config.digest()[:12]}); resume with the same "
+                f"{str(stats.get('config_digest'))[:12]}, now {digest[:12]}); resume with the same "
                 "settings or write to another --output")
     init_ray()
     counter = ProgressCounter.remote()
@@ -161,7 +162,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
         "rows_per_s": round(crawled_rows / elapsed, 1) if elapsed else 0.0,
         "samples_per_s": round(sum(s["samples"] for s in crawled) / elapsed, 1) if elapsed else 0.0,
     }
-    manifest = write_manifest(out, kind, config.model_dump(mode="json"), config.digest(), shard_stats, run_stats)
+    manifest = write_manifest(out, kind, config.model_dump(mode="json"), digest, shard_stats, run_stats)
     result = CrawlResult(manifest, failed, written=len(crawled), skipped=skipped)
     if not quiet:
         print_summary(console, kind, out.path(MANIFEST), result)

@@ -180,8 +180,9 @@ class Fetcher:
 
     async def __aenter__(self) -> "Fetcher":
         c = self.config
+        # The per-host limit is ours (`_host_slots`), so that waiting for a slot pauses the deadline.
         connector = aiohttp.TCPConnector(
-            limit=c.concurrency, limit_per_host=c.per_host_concurrency, ttl_dns_cache=300,
+            limit=c.concurrency, limit_per_host=0, ttl_dns_cache=300,
             resolver=None if c.allow_private_network else GuardedResolver())
         self._session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": c.user_agent, "Accept": self.accept},
