@@ -9,6 +9,7 @@ import typer
 
 from pipelines import __version__
 from pipelines.config import config_command
+from pipelines.curate.run import CurateConfig, curate
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
 
@@ -32,6 +33,7 @@ def exit_nonzero_on_failure(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_failure(crawl_images)))
 crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
+app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curate)))
 
 
 @app.command()

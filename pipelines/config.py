@@ -110,6 +110,8 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Calla
         default=typer.Option(None, "--config", "-c", help="YAML file with any of the options below."))]
     seen: dict[str, tuple[str, ...]] = {}
     for path, field in leaf_fields(model):
+        if (field.json_schema_extra or {}).get("cli") is False:  # set in the YAML file only
+            continue
         flag = path[-1].replace("_", "-")
         if flag in seen:
             raise TypeError(f"option --{flag} is ambiguous: {seen[flag]} and {path}")

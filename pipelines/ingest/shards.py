@@ -256,7 +256,8 @@ def write_shard(out: ShardOutput, shard_id: int, samples: Iterable[tuple[str, di
 
 
 def write_manifest(out: ShardOutput, kind: str, config: dict[str, Any], config_digest: str,
-                   shard_stats: list[dict[str, Any]], run_stats: dict[str, Any]) -> dict[str, Any]:
+                   shard_stats: list[dict[str, Any]], run_stats: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `manifest.json`: every shard with its sample count and sha256, the config, the version.
 
     `digest` identifies the shard set's content; later stages key caching and lineage on it.
@@ -277,6 +278,7 @@ def write_manifest(out: ShardOutput, kind: str, config: dict[str, Any], config_d
         "config_digest": config_digest,
         "samples": sum(s["samples"] for s in shards),
         "stats": run_stats,
+        **(extra or {}),
         "shards": shards,
     }
     out.write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())

@@ -1,0 +1,223 @@
+"""Deduplication steps: exact (text, image bytes or both), MinHash near-duplicate text, pHash images.
+
+Each computes a per-row signature in the shard tasks and hands the signatures to `dedup.py`, which
+finds the duplicates on Ray and applies the keep policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from typing import ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, model_validator
+
+from pipelines.curate import dedup
+from pipelines.curate.step import DedupParams, DedupStep, Duplicates, SignatureRef, threshold
+
+WORD = re.compile(r"\w+")
+U64 = np.uint64
+
+
+def normalize(text: str) -> str:
+    """Lowercase words joined by single spaces: punctuation, case and spacing do not make copies differ."""
+    return " ".join(WORD.findall(text.lower()))
+
+
+class ExactDedupParams(DedupParams):
+    match: Literal["text", "image", "image+text"] = Field("text", description=(
+        "What must be equal: the normalised text, the image bytes (their sha256), or both (caption-image pairs)."))
+    normalize: bool = Field(True, description="Compare texts after lowercasing and dropping punctuation.")
+
+
+class ExactDedup(DedupStep):
+    """Drop exact copies: of the text (after normalisation), of the image, or of the caption-image pair."""
+
+    name = "exact_dedup"
+    Params = ExactDedupParams
+    params: ExactDedupParams
+    reason = "exact_duplicate"
+
+    def required_columns(self) -> tuple[str, ...]:
+        need = {"text": ("text",), "image": ("image",), "image+text": ("image", "text")}[self.params.match]
+        return need + super().required_columns()[len(self.columns):]
+
+    def signature(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        parts = []
+        if "image" in self.params.match:
+            if "sha256" in batch:
+                parts.append(batch["sha256"].fillna("").astype(str))
+            else:
+                parts.append(batch["image"].map(lambda b: hashlib.sha256(b or b"").hexdigest()))
+        if "text" in self.params.match:
+            text = batch["text"].fillna("")
+            parts.append(text.map(normalize) if self.params.normalize else text)
+        joined = parts[0] if len(parts) == 1 else parts[0] + "\x00" + parts[1]
+        digest = joined.map(lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest())
+        return {"hash": np.frombuffer(b"".join(digest), dtype=U64) if len(digest) else np.zeros(0, U64)}
+
+    def find_duplicates(self, signatures: list[SignatureRef], parts: int) -> Duplicates:
+        return dedup.exact_duplicates(signatures, parts, self.params.keep == "none", self.reason)
+
+
+class MinHashParams(DedupParams):
+    ngram: int = Field(5, ge=1, description="Words per shingle.")
+    bands: int = Field(14, ge=1, description="LSH bands.")
+    rows: int = Field(8, ge=1, description="MinHash values per band (permutations = bands x rows).")
+    jaccard: float = threshold(0.7, gt=0, le=1, description=(
+        "Candidate pairs are joined only if the true Jaccard similarity of their shingle sets reaches this."))
+    max_group_pairs: int = Field(4, ge=1, description=(
+        "In an LSH bucket larger than this, each row is compared with this many rows only."))
+    seed: int = Field(1, description="Seed of the hash permutations.")
+
+
+class MinHashDedup(DedupStep):
+    """Near-duplicate documents: MinHash LSH over word n-grams, every candidate verified by exact Jaccard."""
+
+    name = "minhash_dedup"
+    Params = MinHashParams
+    params: MinHashParams
+    reason = "near_duplicate"
+
+    def signature(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        p = self.params
+        shingles, offsets = shingle_sets(batch["text"].fillna("").tolist(), p.ngram)
+        sig = minhash(shingles, offsets, p.bands * p.rows, p.seed)
+        bands = band_hashes(sig, p.bands, p.rows)
+        bands[np.diff(offsets) == 0] = _unique_bands(batch, p.bands)[np.diff(offsets) == 0]
+        return {"bands": bands, "payload": shingles, "offsets": offsets, "sig": sig}
+
+    def find_duplicates(self, signatures: list[SignatureRef], parts: int) -> Duplicates:
+        p = self.params
+        k = p.bands * p.rows
+        floor = p.jaccard - 3 * (p.jaccard * (1 - p.jaccard) / k) ** 0.5
+        return dedup.near_duplicates(signatures, parts, dedup.jaccard, p.jaccard, p.keep == "none", self.reason,
+                                     p.max_group_pairs, estimate_floor=floor if floor > 0 else None)
+
+
+def _unique_bands(batch: pd.DataFrame, bands: int) -> np.ndarray:
+    # Empty documents: band values of their own (from the key), so they never meet as candidates.
+    keys = batch["key"].astype(str).map(lambda k: int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest()))
+    base = np.array(keys.tolist(), dtype=U64)
+    return dedup.mix64(base[:, None] + np.arange(bands, dtype=U64)[None, :]) if len(base) else np.zeros((0, bands), U64)
+
+
+def shingle_sets(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per document, the sorted unique 64-bit hashes of its normalised word n-grams (a document
+    shorter than n words is one shingle). Returns (flat hashes, offsets of len(texts) + 1)."""
+    words_per_doc = [WORD.findall(t.lower()) for t in texts]
+    counts = np.array([len(w) for w in words_per_doc], dtype=np.int64)
+    words = np.array([w for ws in words_per_doc for w in ws], dtype=object)
+    if not len(words):
+        return np.zeros(0, U64), np.zeros(len(texts) + 1, np.int64)
+    # pandas' hash_array: a fixed-key SipHash in C, so equal words hash equally in every process.
+    h = pd.util.hash_array(words, categorize=True)
+    doc = np.repeat(np.arange(len(texts)), counts)
+    total = len(h)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    # A window starting at i covers words i..i+n-1; it must stay inside its document. Documents
+    # shorter than n words keep one window of all their words.
+    window = np.minimum(n, counts[doc])
+    pos = np.arange(total) - starts[doc]
+    valid = (pos + window <= counts[doc]) & ((pos == 0) | (counts[doc] >= n))
+    acc = np.zeros(total, dtype=U64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            idx = np.minimum(np.arange(total) + j, total - 1)
+            part = np.where(j < window, h[idx], U64(0))
+            acc = (acc ^ part) * U64(0x100000001B3 + 2 * j) + U64(j + 1)
+    hashes, owners = dedup.mix64(acc[valid]), doc[valid]
+    order = np.lexsort((hashes, owners))
+    hashes, owners = hashes[order], owners[order]
+    unique = np.r_[True, (hashes[1:] != hashes[:-1]) | (owners[1:] != owners[:-1])]
+    hashes, owners = hashes[unique], owners[unique]
+    offsets = np.r_[0, np.cumsum(np.bincount(owners, minlength=len(texts)))].astype(np.int64)
+    return hashes, offsets
+
+
+def minhash(shingles: np.ndarray, offsets: np.ndarray, permutations: int, seed: int) -> np.ndarray:
+    """MinHash signatures (docs x permutations, uint32) with multiply-shift hashing: h -> (a*h + b) >> 32,
+    a universal family that numpy evaluates without a modulo. Empty documents get all-max rows."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**63, size=permutations, dtype=np.uint64) * U64(2) + U64(1)
+    b = rng.integers(0, 2**63, size=permutations, dtype=np.uint64)
+    docs = len(offsets) - 1
+    sig = np.full((docs, permutations), np.iinfo(np.uint32).max, dtype=np.uint32)
+    nonempty = np.flatnonzero(np.diff(offsets) > 0)
+    if not len(nonempty):
+        return sig
+    starts = offsets[nonempty]
+    step = max(1, (1 << 24) // max(1, len(shingles)))  # keep the working block near 128 MiB
+    with np.errstate(over="ignore"):
+        for k in range(0, permutations, step):
+            block = ((shingles[:, None] * a[None, k:k + step] + b[None, k:k + step]) >> U64(32)).astype(np.uint32)
+            sig[nonempty, k:k + step] = np.minimum.reduceat(block, starts, axis=0)
+    return sig
+
+
+def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 per band from its `rows` MinHash values."""
+    out = np.zeros((sig.shape[0], bands), dtype=U64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            out = dedup.mix64(out ^ sig[:, r::rows][:, :bands].astype(U64) * U64(2 * r + 1))
+    return out
+
+
+class PHashParams(DedupParams):
+    max_distance: int = threshold(4, ge=0, le=16, description=(
+        "Images whose 64-bit perceptual hashes differ in at most this many bits are duplicates."))
+    hash: Literal["phash", "dhash"] = Field("phash", description="Perceptual hash (imagehash's phash or dhash).")
+    index_distance: int = Field(8, ge=0, le=16, description=(
+        "Largest max_distance the index finds every pair for: the hash is cut into index_distance + 1 "
+        "bands, so two hashes within that distance share a band (pigeonhole)."))
+
+    @model_validator(mode="after")
+    def _index_covers_threshold(self) -> PHashParams:
+        if self.max_distance > self.index_distance:
+            raise ValueError("max_distance must not exceed index_distance")
+        return self
+
+
+class PHashDedup(DedupStep):
+    """Near-duplicate images (resized, re-encoded): perceptual hashes within a Hamming distance,
+    found through a band index, never by comparing all pairs."""
+
+    name = "phash_dedup"
+    columns: ClassVar[tuple[str, ...]] = ("image",)
+    Params = PHashParams
+    params: PHashParams
+    reason = "near_duplicate_image"
+
+    def signature(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
+        hashes = np.array([image_hash(b, self.params.hash) for b in batch["image"]], dtype=U64)
+        return {"bands": hash_bands(hashes, self.params.index_distance + 1), "payload": hashes,
+                "offsets": np.arange(len(hashes) + 1, dtype=np.int64)}
+
+    def find_duplicates(self, signatures: list[SignatureRef], parts: int) -> Duplicates:
+        return dedup.near_duplicates(signatures, parts, dedup.hamming_similarity,
+                                     1.0 - self.params.max_distance / 64, self.params.keep == "none",
+                                     self.reason)
+
+
+def image_hash(data: bytes, kind: str = "phash") -> int:
+    """64-bit perceptual hash of an encoded image (imagehash; Pillow's draft mode decodes JPEGs small)."""
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("L", (64, 64))
+        h = (imagehash.phash if kind == "phash" else imagehash.dhash)(im.convert("L"))
+    return int(str(h), 16)
+
+
+def hash_bands(hashes: np.ndarray, bands: int) -> np.ndarray:
+    """The hash cut into `bands` bit ranges (as uint64 values tagged by nothing: dedup folds the band in)."""
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    out = np.zeros((len(hashes), bands), dtype=U64)
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        out[:, i] = (hashes >> U64(lo)) & U64((1 << (hi - lo)) - 1)
+    return out
