@@ -462,28 +462,23 @@ def _greedy_keep(drop_all: bool, *pieces: Records) -> Records:
 # Similarities ------------------------------------------------------------------------------------
 
 def jaccard(pay_a: np.ndarray, off_a: np.ndarray, pay_b: np.ndarray, off_b: np.ndarray) -> np.ndarray:
-    """Jaccard similarity of aligned pairs of sorted, unique uint64 sets.
+    """Jaccard similarity of aligned pairs of sorted, unique uint32 sets (offsets start at 0).
 
-    Vectorised over up to 65536 pairs at a time: each element becomes (pair << 48 | hash >> 16), so
-    a chunk's sets of both sides are two sorted arrays, and one `searchsorted` (cache-friendly, as
-    its queries are sorted too) finds the intersection. (The hashes' top 48 bits are compared: an
-    accidental match between two sets of 10,000 shingles has odds of about 1 in 3 million.)
+    Vectorised: each element becomes (pair << 32 | value), so all of one side's sets form one sorted
+    array, and one `searchsorted` (cache-friendly, as its queries are sorted too) finds every
+    intersection at once.
     """
     n = len(off_a) - 1
-    out = np.zeros(n)
-    for s in range(0, n, 1 << 16):
-        e = min(n, s + (1 << 16))
-        la, lb = np.diff(off_a[s:e + 1]), np.diff(off_b[s:e + 1])
-        ka = (np.repeat(np.arange(e - s, dtype=np.uint64), la) << np.uint64(48)) | (pay_a[off_a[s]:off_a[e]] >> np.uint64(16))
-        kb = (np.repeat(np.arange(e - s, dtype=np.uint64), lb) << np.uint64(48)) | (pay_b[off_b[s]:off_b[e]] >> np.uint64(16))
-        if not len(kb):
-            continue
-        idx = np.minimum(np.searchsorted(kb, ka), len(kb) - 1)
-        hit = ka[kb[idx] == ka]
-        inter = np.bincount((hit >> np.uint64(48)).astype(np.int64), minlength=e - s)
-        union = la + lb - inter
-        out[s:e] = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-    return out
+    la, lb = np.diff(off_a), np.diff(off_b)
+    ka = (np.repeat(np.arange(n, dtype=np.uint64), la) << np.uint64(32)) | pay_a[off_a[0]:off_a[-1]].astype(np.uint64)
+    kb = (np.repeat(np.arange(n, dtype=np.uint64), lb) << np.uint64(32)) | pay_b[off_b[0]:off_b[-1]].astype(np.uint64)
+    if not len(kb):
+        return np.zeros(n)
+    idx = np.minimum(np.searchsorted(kb, ka), len(kb) - 1)
+    hit = ka[kb[idx] == ka]
+    inter = np.bincount((hit >> np.uint64(32)).astype(np.int64), minlength=n)
+    union = la + lb - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
 def hamming_similarity(pay_a: np.ndarray, off_a: np.ndarray, pay_b: np.ndarray, off_b: np.ndarray) -> np.ndarray:

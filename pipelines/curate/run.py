@@ -146,7 +146,9 @@ def curate(config: CurateConfig) -> CurateResult:
     drops_by_shard: dict[int, dict[str, np.ndarray]] = {}
     drop_label: str | None = None
     final_stats: dict[int, dict[str, Any]] = {}
+    timings: list[dict[str, Any]] = []
     for phase in phases:
+        t_phase = time.time()
         final = phase.index == len(phases) - 1
         work_dir = f"{work_root}/p{phase.index}-{phase.digest[:16]}"
         jobs = [ShardJob(
@@ -168,12 +170,15 @@ def curate(config: CurateConfig) -> CurateResult:
                 if final:
                     final_stats[sid] = res["shard_stats"]
         alive = [sid for sid in alive if "corrupt" not in results[sid] and "failed" not in results[sid]]
+        timings.append({"phase": phase.index, "steps": [label for label, _ in phase.row_steps],
+                        "shard_tasks_s": round(time.time() - t_phase, 3)})
         if phase.dedup is not None:
             label, step = phase.dedup
             t0 = time.time()
             refs = [SignatureRef(sid, f"{work_dir}/{sid:05d}.sig.npz", results[sid]["rows_out"]) for sid in alive]
             dups = _find_duplicates(step, refs, parts, f"{work_dir}/dups-{phase.dedup_digest[:16]}.parquet")
             step_stats[label]["seconds"] += time.time() - t0
+            timings[-1].update(dedup=label, find_duplicates_s=round(time.time() - t0, 3))
             drops_by_shard = _drops_by_shard(dups)
             drop_label = label
 
@@ -186,6 +191,7 @@ def curate(config: CurateConfig) -> CurateResult:
                    "samples": sum(s["samples"] for s in final_stats.values())},
         "elapsed_s": round(elapsed, 3),
         "steps": [{"step": label, **_rounded(step_stats[label])} for label, _ in labelled],
+        "phases": timings,
     }
     out.write_bytes(STATS, json.dumps(stats, indent=2).encode())
     if config.report:

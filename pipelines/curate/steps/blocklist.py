@@ -65,8 +65,8 @@ class UrlBlocklist(Step):
         self.words = frozenset(w.lower() for w in p.url_words)
         substrings = p.url_substrings + (read_list(p.url_substrings_file)
                                          if p.url_substrings_file else [])
-        self.substrings = (re.compile("|".join(map(re.escape, sorted({s.lower() for s in substrings}))))
-                           if substrings else None)
+        substrings = sorted({s.lower() for s in substrings})
+        self.substrings = re.compile("|".join(map(re.escape, substrings))) if substrings else None
 
     def _blocked_domain(self, url: str) -> bool:
         host = url_host(url)

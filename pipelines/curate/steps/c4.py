@@ -53,10 +53,11 @@ class C4Lines(Step):
         p = self.params
         lines = text.splitlines()
         kept, lorem, curly = [], False, False
+        longest = p.max_word_length if p.max_word_length is not None else float("inf")
         for line in lines:
             line = line.strip()
             words = line.split()
-            if p.max_word_length is not None and max(map(len, words), default=0) > p.max_word_length:
+            if max(map(len, words), default=0) > longest:
                 continue
             if p.remove_citations:
                 line = CITATION.sub("", line)
@@ -85,7 +86,7 @@ class C4Lines(Step):
             "c4_lines", "c4_lines_kept", "c4_sentences", "c4_lorem_ipsum", "c4_curly_bracket"])
 
     def transform(self, batch: pd.DataFrame) -> pd.DataFrame:
-        texts = [("\n".join(self._kept_lines(text)[0])).strip()
+        texts = ["\n".join(self._kept_lines(text)[0]).strip()
                  for text in batch["text"].fillna("").tolist()]
         return batch.assign(text=pd.Series(texts, index=batch.index, dtype=batch["text"].dtype))
 

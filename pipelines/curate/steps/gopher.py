@@ -45,7 +45,7 @@ class GopherQuality(Step):
         max_symbol_word_ratio: float | None = threshold(0.1, ge=0)  # for '#' and for ellipses
         max_bullet_lines_ratio: float | None = threshold(0.9, ge=0, le=1)
         max_ellipsis_lines_ratio: float | None = threshold(0.3, ge=0, le=1)
-        # datatrove calls it max_non_alpha_words_ratio; it is the least share of words with a letter.
+        # datatrove's max_non_alpha_words_ratio: the least share of words that have a letter.
         min_alpha_words_ratio: float | None = threshold(0.8, ge=0, le=1)
         min_stop_words: int | None = threshold(2, ge=0)
         # Matched case-sensitively, as in datatrove.
@@ -224,7 +224,7 @@ class GopherRepetition(Step):
             sizes = TOP_NGRAMS if info.field_name == "top_n_grams" else DUP_NGRAMS
             unknown = sorted(set(value) - set(sizes))
             if unknown:
-                raise ValueError(f"n-gram sizes {unknown} are not scored; use some of {list(sizes)}")
+                raise ValueError(f"n-gram sizes {unknown} are not scored; use {list(sizes)}")
             return value
 
     def score(self, batch: pd.DataFrame) -> pd.DataFrame:
