@@ -482,7 +482,10 @@ def jaccard(pay_a: np.ndarray, off_a: np.ndarray, pay_b: np.ndarray, off_b: np.n
 
 
 def hamming_similarity(pay_a: np.ndarray, off_a: np.ndarray, pay_b: np.ndarray, off_b: np.ndarray) -> np.ndarray:
-    """1 - Hamming distance / 64 of aligned pairs of single uint64 hashes."""
-    x = pay_a[off_a[:-1]] ^ pay_b[off_b[:-1]]
-    bits = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
-    return 1.0 - bits / 64.0
+    """1 - Hamming distance / bits of aligned pairs of equal-size hashes (each a run of uint64 words)."""
+    n = len(off_a) - 1
+    if not n:
+        return np.zeros(0)
+    words = int(off_a[1] - off_a[0])
+    x = (pay_a.reshape(n, words) ^ pay_b.reshape(n, words)).view(np.uint8)
+    return 1.0 - np.unpackbits(x, axis=1).sum(axis=1) / (64.0 * words)

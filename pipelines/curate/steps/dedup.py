@@ -151,12 +151,17 @@ def minhash(shingles: np.ndarray, offsets: np.ndarray, permutations: int, seed: 
     if not len(nonempty):
         return sig
     starts = offsets[nonempty]
-    step = max(1, (1 << 24) // max(1, len(shingles)))  # keep the working block near 128 MiB
+    x = shingles.astype(U64)[:, None]
+    step = max(1, (1 << 23) // max(1, len(shingles)))  # keep the working block near 64 MiB
+    block = np.empty((len(shingles), step), dtype=U64)
     with np.errstate(over="ignore"):
         for k in range(0, permutations, step):
-            block = ((shingles.astype(U64)[:, None] * a[None, k:k + step] + b[None, k:k + step])
-                     >> U64(32)).astype(np.uint32)
-            sig[nonempty, k:k + step] = np.minimum.reduceat(block, starts, axis=0)
+            width = min(step, permutations - k)
+            out = block[:, :width]
+            np.multiply(x, a[None, k:k + width], out=out)  # in place: no temporaries of the block's size
+            out += b[None, k:k + width]
+            out >>= U64(32)
+            sig[nonempty, k:k + width] = np.minimum.reduceat(out, starts, axis=0)
     return sig
 
 
@@ -170,16 +175,21 @@ def band_hashes(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 class PHashParams(DedupParams):
-    max_distance: int = threshold(4, ge=0, le=16, description=(
-        "Images whose 64-bit perceptual hashes differ in at most this many bits are duplicates."))
     hash: Literal["phash", "dhash"] = Field("phash", description="Perceptual hash (imagehash's phash or dhash).")
-    index_distance: int = Field(8, ge=0, le=16, description=(
-        "Largest max_distance the index finds every pair for: the hash is cut into index_distance + 1 "
-        "bands, so two hashes within that distance share a band (pigeonhole)."))
+    hash_size: int = Field(8, ge=4, le=32, description=(
+        "Side of the hash grid: 8 gives 64-bit hashes; 16 gives 256 bits, which tell overlapping crops "
+        "of one photo from resized copies far better."))
+    max_distance: int = threshold(4, ge=0, description=(
+        "Images whose hashes differ in at most this many bits are duplicates."))
+    index_distance: int | None = Field(None, ge=0, description=(
+        "Largest max_distance the index finds every pair for (default: max_distance): the hash is cut "
+        "into index_distance + 1 bands, so two hashes within that distance share a band (pigeonhole)."))
 
     @model_validator(mode="after")
     def _index_covers_threshold(self) -> PHashParams:
-        if self.max_distance > self.index_distance:
+        if self.max_distance >= self.hash_size ** 2:
+            raise ValueError(f"max_distance must be below the hash's {self.hash_size ** 2} bits")
+        if self.index_distance is not None and self.max_distance > self.index_distance:
             raise ValueError("max_distance must not exceed index_distance")
         return self
 
@@ -195,31 +205,44 @@ class PHashDedup(DedupStep):
     reason = "near_duplicate_image"
 
     def signature(self, batch: pd.DataFrame) -> dict[str, np.ndarray]:
-        hashes = np.array([image_hash(b, self.params.hash) for b in batch["image"]], dtype=U64)
-        return {"bands": hash_bands(hashes, self.params.index_distance + 1), "payload": hashes,
-                "offsets": np.arange(len(hashes) + 1, dtype=np.int64)}
+        p = self.params
+        bits = np.array([image_hash_bits(b, p.hash, p.hash_size) for b in batch["image"]], dtype=np.uint8)
+        bits = bits.reshape(len(batch), p.hash_size ** 2)
+        words = np.packbits(bits, axis=1)
+        words = np.pad(words, ((0, 0), (0, -words.shape[1] % 8))).view(U64)  # whole uint64 words
+        bands = (p.index_distance if p.index_distance is not None else p.max_distance) + 1
+        return {"bands": bit_bands(bits, bands), "payload": words.ravel(),
+                "offsets": np.arange(len(batch) + 1, dtype=np.int64) * words.shape[1]}
 
     def find_duplicates(self, signatures: list[SignatureRef], parts: int) -> Duplicates:
+        bits = self.params.hash_size ** 2
+        # Band buckets hold only rows that agree on a whole band, so every pair in them is compared.
         return dedup.near_duplicates(signatures, parts, dedup.hamming_similarity,
-                                     1.0 - self.params.max_distance / 64, self.params.keep == "none",
-                                     self.reason)
+                                     1.0 - self.params.max_distance / bits, self.params.keep == "none",
+                                     self.reason, max_group_pairs=1 << 30)
 
 
-def image_hash(data: bytes, kind: str = "phash") -> int:
-    """64-bit perceptual hash of an encoded image (imagehash; Pillow's draft mode decodes JPEGs small)."""
+def image_hash_bits(data: bytes | None, kind: str = "phash", hash_size: int = 8) -> np.ndarray:
+    """The perceptual hash of an encoded image as hash_size**2 bits (imagehash; Pillow's draft mode
+    decodes JPEGs at a reduced size first). An undecodable image gets random bits: it matches nothing."""
     import imagehash
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as im:
-        im.draft("L", (64, 64))
-        h = (imagehash.phash if kind == "phash" else imagehash.dhash)(im.convert("L"))
-    return int(str(h), 16)
+    try:
+        with Image.open(io.BytesIO(data or b"")) as im:
+            im.draft("L", (8 * hash_size, 8 * hash_size))
+            h = (imagehash.phash if kind == "phash" else imagehash.dhash)(im.convert("L"), hash_size=hash_size)
+        return h.hash.ravel().astype(np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError):
+        return np.random.default_rng().integers(0, 2, hash_size ** 2, dtype=np.uint8)
 
 
-def hash_bands(hashes: np.ndarray, bands: int) -> np.ndarray:
-    """The hash cut into `bands` bit ranges (as uint64 values tagged by nothing: dedup folds the band in)."""
-    edges = np.linspace(0, 64, bands + 1).astype(int)
-    out = np.zeros((len(hashes), bands), dtype=U64)
+def bit_bands(bits: np.ndarray, bands: int) -> np.ndarray:
+    """Each row's bits cut into `bands` contiguous ranges, each range as one uint64 value."""
+    edges = np.linspace(0, bits.shape[1], bands + 1).astype(int)
+    out = np.zeros((len(bits), bands), dtype=U64)
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
-        out[:, i] = (hashes >> U64(lo)) & U64((1 << (hi - lo)) - 1)
+        packed = np.packbits(bits[:, lo:hi], axis=1)
+        for j in range(packed.shape[1]):  # fold the band's bytes into one value
+            out[:, i] = dedup.mix64(out[:, i] ^ packed[:, j].astype(U64))
     return out
