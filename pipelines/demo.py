@@ -147,7 +147,25 @@ def main() -> int:
         table.add_row(name, str(m["stats"]["total"]), str(m["samples"]), str(len(m["shards"])),
                       m["digest"][:12], output)
     console.print(table)
-    ok = all(r.ok for _, _, r in runs)
+
+    from pipelines.config import load_config
+    from pipelines.curate.run import CurateConfig, curate
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "curate"
+    curated = []
+    for name, source, config in (("images", "shards/images", "images-default.yaml"),
+                                 ("text files", "shards/corpus", "text-default.yaml")):
+        overrides = {("input",): str(OUT / source), ("output",): str(OUT / "curated" / source.split("/")[1])}
+        curated.append((name, curate(load_config(CurateConfig, configs / config, overrides))))
+    table = Table(title="demo: curate")
+    for col in ("shards", "samples in", "kept", "removed by", "report"):
+        table.add_column(col)
+    for name, result in curated:
+        removed = ", ".join(f"{s['step']} {s['in'] - s['kept']}" for s in result.stats["steps"] if s["in"] > s["kept"])
+        table.add_row(name, str(result.stats["input"]["samples"]), str(result.stats["output"]["samples"]),
+                      removed or "-", f"{result.stats['output']['path']}/report.html")
+    console.print(table)
+    ok = all(r.ok for _, _, r in runs) and all(r.ok for _, r in curated)
     console.print("[green]demo finished[/green]" if ok else "[red]demo finished with failed shards[/red]")
     return 0 if ok else 1
 

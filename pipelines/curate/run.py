@@ -293,7 +293,10 @@ def _run_jobs(jobs: list[ShardJob], config: CurateConfig, console: Console, titl
             results[job.shard] = done
         else:
             todo.append(job)
-    steps = [s for _, s in todo[0].phase.row_steps] + ([todo[0].phase.dedup[1]] if todo and todo[0].phase.dedup else [])
+    if not todo:
+        return results
+    phase = todo[0].phase
+    steps = [s for _, s in phase.row_steps] + ([phase.dedup[1]] if phase.dedup else [])
     remote = ray.remote(run_shard).options(
         num_cpus=max([s.num_cpus for s in steps] + [1]), num_gpus=max([s.num_gpus for s in steps] + [0]),
         max_retries=config.task_retries, retry_exceptions=False)
