@@ -12,6 +12,8 @@ from pipelines.config import config_command
 from pipelines.curate.run import CurateConfig, curate
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
+from pipelines.train.config import PretrainConfig
+from pipelines.train.pretrain import pretrain
 
 app = typer.Typer(help="From raw web data to a served generative model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -34,6 +36,7 @@ def exit_nonzero_on_failure(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
 crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_failure(crawl_images)))
 crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
 app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curate)))
+app.command("pretrain")(config_command(PretrainConfig, pretrain))
 
 
 @app.command()

@@ -1,1 +1,1 @@
-"""Train stage."""
+"""Train: DeepSpeed pretraining and LoRA fine-tuning on Ray Train, registered in MLflow."""

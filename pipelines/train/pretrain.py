@@ -1,0 +1,489 @@
+"""`pipelines pretrain`: DeepSpeed pretraining of a causal LM on Ray Train, from our text shards.
+
+The driver (`pretrain`) checks the config and the shards, trains or loads the tokenizer, opens the
+MLflow run with the shards as its input, and starts a `TorchTrainer`; every worker runs
+`train_loop`: `deepspeed.initialize`, then a plain loop of micro-batches with checkpoints through
+`ray.train.report`. When the workers finish, the driver consolidates the last checkpoint into a
+Hugging Face model (safetensors + tokenizer) and registers it in MLflow.
+
+Layout of a run in storage (`{storage}/{run name}/`): `run.json` (config, MLflow run id, shards
+digest), `tokenizer/`, `step-NNNNNNN/` checkpoints (Ray Train's, one file set per ZeRO rank, plus
+each rank's data position), `model/` (the export).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pipelines.errors import PipelineError
+from pipelines.runtime import cluster_cpus, filesystem, init_ray, settings
+from pipelines.train.config import PretrainConfig
+
+RUN_FILE = "run.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class PretrainResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str
+    steps: int
+    stopped: bool  # stopped early (stop_after); continue with resume
+    metrics: dict[str, Any]
+    model_dir: str | None = None
+    registered: Any = None  # registry.Registered
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Train (or continue) a causal LM as the config says; export and register it at the end."""
+    from pipelines.train import registry
+    from pipelines.train.data import open_shards
+
+    console = Console(quiet=config.quiet, stderr=True)
+    storage = (config.storage or str(settings().home / "train")).rstrip("/")
+    if "://" not in storage:
+        storage = str(Path(storage).absolute())
+    fs, _ = filesystem(storage)
+    config, run_name, saved = _resolve_run(config, storage, fs)
+    run_dir = f"{storage}/{run_name}"
+
+    if not config.data.shards:
+        raise PipelineError("no training shards: give --shards (a folder or URL written by `pipelines crawl` "
+                            "or `pipelines curate`)")
+    if "://" not in config.data.shards:  # the workers run in other folders, maybe on other machines
+        config.data.shards = str(Path(config.data.shards).absolute())
+    shards = open_shards(config.data.shards)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
+    init_ray()
+    use_gpu, cpus = _resources(config)
+
+    if saved is None:
+        tokenizer_dir = _prepare_tokenizer(config, shards, run_dir, console)
+    else:
+        tokenizer_dir = saved["tokenizer_dir"]
+        if saved["shards_digest"] != shards.digest:
+            raise PipelineError(f"run {run_name} was trained on shards with digest {saved['shards_digest'][:12]}; "
+                                f"{config.data.shards} now has {shards.digest[:12]}: start a new run instead")
+
+    registry.configure_tracking()
+    params = config.model_dump(mode="json")
+    with registry.training_run(config.registry.experiment, run_name, params,
+                               tags={"pipelines.stage": "pretrain", "pipelines.run_dir": run_dir},
+                               run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
+        if saved is None:
+            registry.log_shards_input(config.data.shards, shards.manifest)
+        _write_json(fs, f"{run_dir}/{RUN_FILE}", {
+            "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
+            "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
+        console.print(f"[bold]pretrain[/bold] {run_name}: {config.model.preset} model, {config.engine.workers} "
+                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), ZeRO-{config.engine.zero_stage}, "
+                      f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
+        result = _fit(config, run_name, storage, tokenizer_dir, shards.url, use_gpu, cpus, mlflow_run_id)
+        metrics = dict(result.metrics or {})
+        step = int(metrics.get("step", 0))
+        if metrics.get("stopped"):
+            console.print(f"stopped after step {step}; continue with --resume {run_name}")
+            return PretrainResult(run_name, run_dir, mlflow_run_id, step, True, metrics)
+
+        model_dir = f"{run_dir}/model"
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            export_model(checkpoint_dir, tokenizer_dir, model_dir, config)
+        final = {k: float(metrics[k]) for k in ("heldout_loss", "heldout_perplexity") if metrics.get(k) is not None}
+        registry.log_metrics(final, step=step)
+        registered = None
+        if config.registry.register_model:
+            if "heldout_perplexity" not in final:
+                raise PipelineError("no held-out documents to measure perplexity on: raise --heldout-percent "
+                                    "or --eval-batches, or pass --no-register-model")
+            with _local_copy(model_dir) as local_model:
+                registered = registry.register_model(
+                    local_model, config.registry.model_name, run_id=mlflow_run_id, metric="heldout_perplexity",
+                    value=final["heldout_perplexity"],
+                    lineage={"shards": config.data.shards, "shards_digest": shards.digest, "run_dir": run_dir})
+        console.print(f"done: {step} steps, held-out perplexity {final.get('heldout_perplexity', float('nan')):.2f}; "
+                      f"model {model_dir}" + (f"; registered {registered.uri}"
+                                              f"{' (champion)' if registered.champion else ''}" if registered else ""))
+        return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
+
+
+def _resolve_run(config: PretrainConfig, storage: str, fs: Any) -> tuple[PretrainConfig, str, dict | None]:
+    """The run's name, and for --resume the saved run with its config (plus the options a resume may change)."""
+    if config.resume:
+        path = f"{storage}/{config.resume}/{RUN_FILE}"
+        try:
+            with fs.open(path, "r") as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            raise PipelineError(f"no run named {config.resume!r} in {storage} (looked for {path})") from None
+        merged = saved["config"]
+        given = config.model_dump(mode="json")
+        for path_keys in PretrainConfig.resumable:
+            node_from, node_to = given, merged
+            for key in path_keys[:-1]:
+                node_from, node_to = node_from[key], node_to[key]
+            node_to[path_keys[-1]] = node_from[path_keys[-1]]
+        resumed = PretrainConfig.model_validate({**merged, "resume": config.resume, "run_name": config.resume})
+        if config.data.shards and config.data.shards != resumed.data.shards:
+            raise PipelineError(f"run {config.resume} trains on {resumed.data.shards}, not {config.data.shards}")
+        if config.engine.workers != resumed.engine.workers and config.engine.workers != 1:
+            raise PipelineError(f"run {config.resume} runs with {resumed.engine.workers} workers; resume it with "
+                                f"the same number (its data positions are per worker)")
+        return resumed, config.resume, saved
+    name = config.run_name or f"{config.registry.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if fs.exists(f"{storage}/{name}/{RUN_FILE}"):
+        raise PipelineError(f"a run named {name!r} already exists in {storage}: continue it with --resume {name} "
+                            "or choose another --run-name")
+    return config, name, None
+
+
+def _resources(config: PretrainConfig) -> tuple[bool, int]:
+    """GPU or not, and CPUs per worker; a request the local cluster can never place is an error now,
+    not a trainer waiting forever."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = config.engine.use_gpu if config.engine.use_gpu is not None else gpus > 0
+    workers = config.engine.workers
+    cpus = config.engine.cpus_per_worker or (1 if use_gpu else max(1, cluster_cpus() // workers))
+    if not settings().ray_address:  # a local Ray does not grow
+        if use_gpu and gpus < workers:
+            raise PipelineError(f"{workers} GPU workers asked for, this machine has {gpus} GPU(s)")
+        if cpus * workers > cluster_cpus():
+            raise PipelineError(f"{workers} workers x {cpus} CPUs asked for, this machine has {cluster_cpus()}")
+    return use_gpu, cpus
+
+
+def _prepare_tokenizer(config: PretrainConfig, shards: Any, run_dir: str, console: Console) -> str:
+    """The run's tokenizer folder in storage: a copy of --tokenizer, or one trained on the training split."""
+    from pipelines.train.data import iter_texts
+    from pipelines.train.tokenizer import load_tokenizer, train_tokenizer
+
+    target = f"{run_dir}/tokenizer"
+    with tempfile.TemporaryDirectory() as tmp:
+        if config.tokenizer.tokenizer:
+            try:
+                tok = load_tokenizer(config.tokenizer.tokenizer)
+            except (OSError, ValueError) as exc:
+                raise PipelineError(f"cannot load tokenizer {config.tokenizer.tokenizer}: {exc}") from exc
+            tok.save_pretrained(tmp)
+        else:
+            started = time.perf_counter()
+            texts = (text for _, (_, text) in zip(range(config.tokenizer.tokenizer_samples),
+                                                  iter_texts(shards, config.data.heldout_percent, "train")))
+            train_tokenizer(texts, config.tokenizer.vocab_size, tmp)
+            console.print(f"tokenizer: byte-level BPE, {config.tokenizer.vocab_size} tokens, trained in "
+                          f"{time.perf_counter() - started:.1f}s")
+        fs, path = filesystem(target)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(tmp + "/", path, recursive=True)
+    return target
+
+
+def _fit(config: PretrainConfig, run_name: str, storage: str, tokenizer_dir: str, shards_url: str,
+         use_gpu: bool, cpus: int, mlflow_run_id: str) -> Any:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    e = config.engine
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir,
+                           "shards": shards_url, "threads": cpus, "mlflow_run_id": mlflow_run_id,
+                           "tracking_uri": settings().mlflow_tracking_uri},
+        scaling_config=ScalingConfig(num_workers=e.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=e.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=e.keep_checkpoints),
+            logging_config=ray.LoggingConfig(log_level="WARNING")),
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:  # ray.train.TrainingFailedError and friends: say what failed, in one line
+        cause = exc.__cause__ or exc
+        raise PipelineError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
+                            f" (checkpoints in {storage}/{run_name})") from exc
+
+
+# -- the workers ----------------------------------------------------------------------------------
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warmup to the peak, then cosine decay to min_ratio x peak at `total` steps."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def deepspeed_config(config: PretrainConfig, bf16: bool) -> dict[str, Any]:
+    e = config.engine
+    return {
+        "train_micro_batch_size_per_gpu": e.micro_batch,
+        "gradient_accumulation_steps": e.grad_accum,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": {"stage": e.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def train_loop(args: dict[str, Any]) -> None:
+    """One Ray Train worker: the whole loop, top to bottom."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from pipelines.train.data import TokenStream, heldout_batches, make_loader, open_shards
+    from pipelines.train.model import build_model, flops_per_token, model_config, peak_flops
+    from pipelines.train.tokenizer import load_tokenizer
+
+    config = PretrainConfig.model_validate(args["config"])
+    e, o = config.engine, config.optim
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(args["threads"])
+    device = ray.train.torch.get_device()
+    bf16 = config.engine.precision == "bf16" or (config.engine.precision == "auto" and device.type == "cuda")
+
+    with _local_copy(args["tokenizer_dir"]) as tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
+                               tokenizer.eos_token_id)
+        model = build_model(mconfig, e.seed, config.model.activation_checkpointing)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=(o.beta1, o.beta2), eps=1e-8)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps,
+                                                                          o.min_lr_ratio))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=deepspeed_config(config, bf16), dist_init_required=False)
+
+        shards = open_shards(args["shards"])
+        stream = TokenStream(shards, tokenizer_dir, seq_len=config.data.seq_len, micro_batch=e.micro_batch,
+                             rank=rank, world_size=world, seed=e.seed, shuffle_buffer=config.data.shuffle_buffer,
+                             heldout_percent=config.data.heldout_percent, num_workers=config.data.loader_workers)
+        step = 0
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                engine.load_checkpoint(d, tag=DS_TAG)
+                step = json.loads(Path(d, "state.json").read_text())["step"]
+                stream.load_state_dict(json.loads(Path(d, f"data-rank{rank}.json").read_text()))
+
+        metrics_log = _MetricsLog(args) if rank == 0 else None
+        if metrics_log and checkpoint:  # a restart after a failure, or a resumed run
+            metrics_log.add(step, {"restored_from_step": step})
+            metrics_log.flush()
+        tokens_per_step = world * e.micro_batch * e.grad_accum * config.data.seq_len
+        flops_per_step = flops_per_token(mconfig, config.data.seq_len) * tokens_per_step
+        peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32) * world
+        batches = iter(make_loader(stream))
+        engine.train()
+        stop_at = min(e.max_steps, e.stop_after or e.max_steps)
+        loss_value = float("nan")
+        while step < stop_at:
+            started = time.perf_counter()
+            total = torch.zeros((), device=device)
+            for _ in range(e.grad_accum):
+                batch = next(batches).to(device, non_blocking=True)
+                loss = engine(input_ids=batch, labels=batch).loss
+                engine.backward(loss)
+                engine.step()
+                total += loss.detach().float()
+            step += 1
+            if world > 1:
+                dist.all_reduce(total)
+            loss_value = total.item() / (e.grad_accum * world)
+            seconds = time.perf_counter() - started
+            if metrics_log:
+                metrics_log.add(step, {"loss": loss_value, "lr": schedule.get_last_lr()[0],
+                                       "tokens_per_s": tokens_per_step / seconds,
+                                       "mfu": flops_per_step / seconds / peak, "step_s": seconds})
+            last = step == stop_at
+            if step % e.checkpoint_every == 0 or last:
+                report = {"step": step, "loss": loss_value, "stopped": last and step < e.max_steps}
+                if last and step == e.max_steps:
+                    report.update(_evaluate(engine, config, shards, tokenizer_dir, rank, world, device))
+                    engine.train()
+                if metrics_log:
+                    metrics_log.flush()
+                _save(engine, stream, rank, step, report)
+        if metrics_log:
+            metrics_log.close()
+
+
+def _save(engine: Any, stream: Any, rank: int, step: int, metrics: dict[str, Any]) -> None:
+    """A checkpoint: DeepSpeed's files from every rank, each rank's data position; Ray Train merges them."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(f"{d}/{DS_TAG}", exist_ok=True)
+        engine.save_checkpoint(d, tag=DS_TAG)
+        Path(d, f"data-rank{rank}.json").write_text(json.dumps(stream.state_dict()))
+        if rank == 0:
+            Path(d, "state.json").write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:07d}")
+
+
+def _evaluate(engine: Any, config: PretrainConfig, shards: Any, tokenizer_dir: str, rank: int, world: int,
+              device: Any) -> dict[str, float | None]:
+    """Mean next-token loss and perplexity on the held-out documents, over all ranks. Every rank reads
+    the same held-out sequences and evaluates every world-th one; ranks with fewer batches run dummy
+    forwards, so all run the same number (ZeRO-3 gathers parameters in each forward, collectively)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train.data import heldout_batches
+
+    e = config.engine
+    sequences = heldout_batches(shards, tokenizer_dir, seq_len=config.data.seq_len, micro_batch=1,
+                                max_batches=e.eval_batches * e.micro_batch,
+                                heldout_percent=config.data.heldout_percent)
+    mine = sequences[rank::world]
+    batches = [torch.cat(mine[i:i + e.micro_batch]) for i in range(0, len(mine), e.micro_batch)]
+    n = torch.tensor([len(batches)], device=device)
+    if world > 1:
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    sums = torch.zeros(2, device=device, dtype=torch.float64)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(int(n.item())):
+            batch = (batches[i] if i < len(batches) else sequences[0]).to(device)
+            loss = engine(input_ids=batch, labels=batch).loss
+            if i < len(batches):
+                tokens = batch.shape[0] * (batch.shape[1] - 1)
+                sums += torch.tensor([loss.double().item() * tokens, tokens], device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(sums)
+    if sums[1] == 0:
+        return {"heldout_loss": None, "heldout_perplexity": None}
+    mean = (sums[0] / sums[1]).item()
+    return {"heldout_loss": mean, "heldout_perplexity": math.exp(min(mean, 50.0))}
+
+
+class _MetricsLog:
+    """Rank 0's per-step metrics, sent to MLflow in batches so logging never stalls a step."""
+
+    def __init__(self, args: dict[str, Any]):
+        from mlflow.tracking import MlflowClient
+
+        config = PretrainConfig.model_validate(args["config"])
+        self.client = MlflowClient(tracking_uri=args["tracking_uri"])
+        self.run_id = args["mlflow_run_id"]
+        self.every = config.engine.log_every
+        self.quiet = config.quiet
+        self.pending: list[Any] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if step % self.every == 0 or "loss" not in values:
+            now = int(time.time() * 1000)
+            self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if "loss" in values and not self.quiet and (step % 10 == 0 or step == 1):
+            print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
+                  f"{values['tokens_per_s']:.0f} tokens/s, MFU {values['mfu']:.1%}", flush=True)
+        if time.monotonic() - self.last_flush > 5 or len(self.pending) > 900:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config: PretrainConfig) -> None:
+    """Consolidate a DeepSpeed checkpoint (any ZeRO stage, any number of ranks) into a Hugging Face
+    folder: fp32 weights in safetensors, the config and the tokenizer; `from_pretrained` loads it."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pipelines.train.model import model_config
+    from pipelines.train.tokenizer import load_tokenizer
+    from transformers import LlamaForCausalLM
+
+    with _local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out:
+        tokenizer = load_tokenizer(local_tokenizer)
+        mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
+                               tokenizer.eos_token_id)
+        mconfig.use_cache = True
+        if config.engine.zero_stage == 0:
+            state = torch.load(Path(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                               weights_only=False)["module"]
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+        model = LlamaForCausalLM(mconfig)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        missing = [k for k in missing if not (mconfig.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {checkpoint_dir} does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        model.tie_weights()
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        fs, path = filesystem(model_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(out + "/", path, recursive=True)
+
+
+# -- storage helpers ------------------------------------------------------------------------------
+
+class _local_copy:
+    """A local folder with the contents of `url`: the folder itself when local, else a temporary download."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.tmp: str | None = None
+
+    def __enter__(self) -> str:
+        if "://" not in self.url or self.url.startswith("file://"):
+            return self.url.removeprefix("file://")
+        self.tmp = tempfile.mkdtemp(prefix="pipelines-")
+        fs, path = filesystem(self.url)
+        fs.get(path.rstrip("/") + "/", self.tmp, recursive=True)
+        return self.tmp
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_json(fs: Any, url: str, data: Any) -> None:
+    _, path = filesystem(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(data, f, indent=2)
