@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -54,6 +56,43 @@ def init_ray(num_cpus: int | None = None) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # "local": always a fresh in-process Ray, never a cluster someone else started on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    _filter_worker_logs()
+
+
+# Lines Ray's own actors print on every run that tell a user nothing: the placement-group cleaner
+# cannot use the state API without a dashboard; Ray Train announces each report; DeepSpeed says it
+# runs on the CPU. Everything else from the workers (our progress lines, real errors) still shows.
+_NOISE = re.compile(
+    r"State API may be temporarily unavailable|Reporting training result|Checkpoint successfully created"
+    r"|Setting accelerator to CPU|deepspeed_shm_comm_op built successfully|torch.distributed.\w+. is deprecated"
+    r"|return func\(\*args, \*\*kwargs\)|has constructor arguments in the object store"
+    r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH")
+
+
+def _filter_worker_logs() -> None:
+    """Drop `_NOISE` lines from what Ray forwards to the driver's console. Ray offers no filter hook,
+    so this wraps its forwarding handler; if Ray's internals change, logs simply pass unfiltered."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = []
+        for name, handler in dispatcher.handlers:
+            if name == "ray_print_logs" and not getattr(handler, "_pipelines_filtered", False):
+                handler = _filtered(handler)
+            handlers.append((name, handler))
+        dispatcher.handlers = handlers
+
+
+def _filtered(handler: Any) -> Any:
+    def forward(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not _NOISE.search(line)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    forward._pipelines_filtered = True  # type: ignore[attr-defined]
+    return forward
 
 
 def cluster_cpus() -> int:

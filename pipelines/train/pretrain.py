@@ -13,6 +13,8 @@ each rank's data position), `model/` (the export).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -52,7 +54,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     from pipelines.train import registry
     from pipelines.train.data import open_shards
 
-    console = Console(quiet=config.quiet, stderr=True)
+    console = Console(quiet=config.quiet, stderr=True, soft_wrap=True)
     storage = (config.storage or str(settings().home / "train")).rstrip("/")
     if "://" not in storage:
         storage = str(Path(storage).absolute())
@@ -112,11 +114,20 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 registered = registry.register_model(
                     local_model, config.registry.model_name, run_id=mlflow_run_id, metric="heldout_perplexity",
                     value=final["heldout_perplexity"],
-                    lineage={"shards": config.data.shards, "shards_digest": shards.digest, "run_dir": run_dir})
+                    lineage=_lineage(config.data.shards, shards.manifest, run_dir))
         console.print(f"done: {step} steps, held-out perplexity {final.get('heldout_perplexity', float('nan')):.2f}; "
                       f"model {model_dir}" + (f"; registered {registered.uri}"
                                               f"{' (champion)' if registered.champion else ''}" if registered else ""))
         return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
+
+
+def _lineage(url: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Where the model's data came from: the shards, and for curated shards the crawl they were curated from."""
+    lineage = {"shards": url, "shards_digest": manifest["digest"], "run_dir": run_dir}
+    source = manifest.get("input") or {}
+    if source.get("digest"):
+        lineage.update(source_shards=source.get("path") or source.get("url") or "", source_digest=source["digest"])
+    return lineage
 
 
 def _resolve_run(config: PretrainConfig, storage: str, fs: Any) -> tuple[PretrainConfig, str, dict | None]:
@@ -428,13 +439,26 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
     """Consolidate a DeepSpeed checkpoint (any ZeRO stage, any number of ranks) into a Hugging Face
     folder: fp32 weights in safetensors, the config and the tokenizer; `from_pretrained` loads it."""
     import torch
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # The consolidation runs on this CPU whatever the workers ran on; saying so spares DeepSpeed's
+    # accelerator probe and its warning. (Only for this import: Ray workers must probe their own.)
+    chosen = "DS_ACCELERATOR" in os.environ
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    finally:
+        if not chosen:
+            os.environ.pop("DS_ACCELERATOR", None)
 
     from pipelines.train.model import model_config
     from pipelines.train.tokenizer import load_tokenizer
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as transformers_logging
 
-    with _local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out:
+    transformers_logging.disable_progress_bar()
+    with (_local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out,
+          contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())):
+        # (DeepSpeed's consolidation prints its progress; failures still raise)
         tokenizer = load_tokenizer(local_tokenizer)
         mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
                                tokenizer.eos_token_id)
