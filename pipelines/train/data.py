@@ -82,8 +82,8 @@ def is_heldout(key: str, percent: float) -> bool:
     return h < percent / 100 * 2**64
 
 
-def read_tar(url: str) -> list[tuple[str, str]]:
-    """(key, text) of every sample of a shard tar with a `.txt`, in tar order.
+def read_tar(url: str, ext: str = "txt") -> list[tuple[str, str]]:
+    """(key, text) of every sample of a shard tar with a `.{ext}` member (its text), in tar order.
 
     A tar that cannot be read (missing, truncated, not a tar) counts as empty, with a warning: one bad
     shard must not stop a training run. It is read whole before anything is returned, so a tar that
@@ -94,8 +94,8 @@ def read_tar(url: str) -> list[tuple[str, str]]:
         fs, path = filesystem(url)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
-                key, _, ext = member.name.partition(".")
-                if member.isfile() and ext == "txt":
+                key, _, member_ext = member.name.partition(".")
+                if member.isfile() and member_ext == ext:
                     texts[key] = tar.extractfile(member).read().decode("utf-8", "replace")
     except (OSError, tarfile.TarError, EOFError) as exc:
         log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
@@ -193,7 +193,7 @@ class TokenStream(IterableDataset):
 
     # -- state ----------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
-        return {"digest": self.shards.digest, "seed": self.seed, "seq_len": self.seq_len,
+        return {"kind": type(self).__name__, "digest": self.shards.digest, "seed": self.seed, "seq_len": self.seq_len,
                 "micro_batch": self.micro_batch, "rank": self.rank, "world_size": self.world_size,
                 "num_workers": self.num_workers, "shuffle_buffer": self.shuffle_buffer,
                 "heldout_percent": self.heldout_percent}
@@ -253,7 +253,7 @@ class TokenStream(IterableDataset):
         position = self._positions[worker]
         chunk, emitted = position["chunk"], position["emitted"]
         start = Cursor(**{k: position[k] for k in ("epoch", "tar", "sample", "token", "index")})
-        sequences = pack(self._documents(stream, start), tokenizer, self.seq_len, skip=start.token)
+        sequences = self._sequences(self._documents(stream, start), tokenizer, start.token)
         upcoming = next(sequences)  # read one ahead: the next chunk's start is the position after a chunk's last batch
         rows: list[np.ndarray] = []
         while True:
@@ -272,6 +272,13 @@ class TokenStream(IterableDataset):
                     rows = []
             chunk, emitted, start = chunk + 1, 0, upcoming[1]
 
+    # What a stream reads from each sample, and how documents become rows; `ExampleStream` changes both.
+    member = "txt"
+
+    def _sequences(self, docs: Iterator[tuple[Cursor, str]], tokenizer: Any,
+                   skip: int) -> Iterator[tuple[np.ndarray, Cursor]]:
+        return pack(docs, tokenizer, self.seq_len, skip=skip)
+
     def _epoch_tars(self, epoch: int, stream: int) -> tuple[list[str], bool]:
         """The tars `stream` reads in `epoch`, and whether it shares them with the other streams (fewer
         tars than streams), taking every S-th training sample."""
@@ -289,7 +296,7 @@ class TokenStream(IterableDataset):
             tars, shared = self._epoch_tars(epoch, stream)
             found = False
             for t in range(first_tar, len(tars)):
-                samples = read_tar(tars[t])
+                samples = read_tar(tars[t], self.member)
                 for k in range(skip, len(samples)):
                     key, text = samples[k]
                     if is_heldout(key, self.heldout_percent):

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+ADAPTER_PATH = "adapter"  # where an adapter folder goes in its run's artifacts
+BASE_MODEL_TAG = "base_model"  # an adapter version's tag: models:/BASE/VERSION it was trained on
 # MLflow 3 refuses longer param values (the client already splits batches at its 100-item limit).
 PARAM_VALUE_LIMIT = 6000
 TAG_VALUE_LIMIT = 8000
@@ -278,8 +280,49 @@ def register_model(model_dir: str, name: str, *, run_id: str, metric: str, value
         client.log_metric(run_id, metric, value)
 
     info = _log_transformers_model(folder, name, run, card=_model_card(folder, name, run_id, metric, value, lineage))
+    return _register_version(client, info.model_uri, name, metric, value, lower_is_better, lineage, extra_tags)
+
+
+def register_adapter(adapter_dir: str, name: str, *, run_id: str, base_uri: str, metric: str, value: float,
+                     lower_is_better: bool = True, lineage: Mapping[str, Any] | None = None) -> Registered:
+    """Register a peft adapter folder (adapter_config.json + adapter_model.safetensors) as a new
+    version of its own model `name`, its tag `base_model` pinning the exact base version
+    (`models:/BASE/VERSION`); aliases as in `register_model`. `load_adapter` gets it back."""
+    configure_tracking()
+    client = MlflowClient()
+    folder = Path(adapter_dir).absolute()
+    if not (folder / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter_dir}: not a peft adapter folder (no adapter_config.json)")
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
+    client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
+    return _register_version(client, f"runs:/{run_id}/{ADAPTER_PATH}", name, metric, float(value), lower_is_better,
+                             lineage, {BASE_MODEL_TAG: base_uri, "pipelines.kind": "lora-adapter"})
+
+
+def load_adapter(uri: str, dst: str | None = None) -> tuple[str, str]:
+    """The local folder of adapter `models:/NAME@ALIAS` (or `/VERSION`) and the base it was trained on."""
+    configure_tracking()
+    name, version = resolve_version(uri)
+    mv = MlflowClient().get_model_version(name, str(version))
+    base = mv.tags.get(BASE_MODEL_TAG)
+    if not base:
+        raise PipelineError(f"{uri}: version {version} of {name} is not a LoRA adapter (no {BASE_MODEL_TAG} tag)")
+    try:
+        folder = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst)
+    except MlflowException as e:
+        raise PipelineError(f"{uri}: cannot download version {version} of {name} ({_first_line(e)})") from None
+    return folder, base
+
+
+def _register_version(client: MlflowClient, source: str, name: str, metric: str, value: float,
+                      lower_is_better: bool, lineage: Mapping[str, Any] | None,
+                      extra_tags: Mapping[str, Any] | None) -> Registered:
+    """A new version of `name` from `source`: alias candidate, and champion when `value` beats the champion's."""
     tags = {metric: repr(value), **_prefixed("lineage", lineage), **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    mv = mlflow.register_model(info.model_uri, name, tags={k: _truncate(v, TAG_VALUE_LIMIT) for k, v in tags.items()})
+    mv = mlflow.register_model(source, name, tags={k: _truncate(v, TAG_VALUE_LIMIT) for k, v in tags.items()})
     version = int(mv.version)
     client.set_registered_model_alias(name, CANDIDATE, str(version))
 
