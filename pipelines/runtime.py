@@ -66,7 +66,8 @@ _NOISE = re.compile(
     r"State API may be temporarily unavailable|Reporting training result|Checkpoint successfully created"
     r"|Setting accelerator to CPU|deepspeed_shm_comm_op built successfully|torch.distributed.\w+. is deprecated"
     r"|return func\(\*args, \*\*kwargs\)|has constructor arguments in the object store"
-    r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH")
+    r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH|is_gradient_checkpointing. is deprecated"
+    r"|^\s*warnings.warn\($")
 
 
 def _filter_worker_logs() -> None:

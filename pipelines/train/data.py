@@ -104,12 +104,12 @@ def read_tar(url: str, ext: str = "txt") -> list[tuple[str, str]]:
 
 
 def iter_texts(shards: ShardSet, heldout_percent: float, split: Literal["train", "heldout"],
-               tars: list[str] | None = None) -> Iterator[tuple[str, str]]:
-    """(key, text) of the samples of `split` in `tars` (default: all of the shard set's), in order."""
+               tars: list[str] | None = None, member: str = "txt") -> Iterator[tuple[str, str]]:
+    """(key, text of its `member`) of the samples of `split` in `tars` (default: all of the shard set's), in order."""
     if split not in ("train", "heldout"):
         raise PipelineError(f"split {split!r}: must be 'train' or 'heldout'")
     for url in shards.tars if tars is None else tars:
-        for key, text in read_tar(url):
+        for key, text in read_tar(url, member):
             if is_heldout(key, heldout_percent) == (split == "heldout"):
                 yield key, text
 

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -55,22 +56,22 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     from pipelines.train.data import open_shards
 
     console = Console(quiet=config.quiet, stderr=True, soft_wrap=True)
-    storage = (config.storage or str(settings().home / "train")).rstrip("/")
-    if "://" not in storage:
-        storage = str(Path(storage).absolute())
+    storage = storage_root(config.storage)
     fs, _ = filesystem(storage)
-    config, run_name, saved = _resolve_run(config, storage, fs)
+    given_shards = absolute(config.data.shards) if config.data.shards else None
+    config, run_name, saved = resolve_run(config, storage, fs)
     run_dir = f"{storage}/{run_name}"
+    if saved and given_shards and given_shards != config.data.shards:
+        raise PipelineError(f"run {run_name} trains on {config.data.shards}, not {given_shards}")
 
     if not config.data.shards:
         raise PipelineError("no training shards: give --shards (a folder or URL written by `pipelines crawl` "
                             "or `pipelines curate`)")
-    if "://" not in config.data.shards:  # the workers run in other folders, maybe on other machines
-        config.data.shards = str(Path(config.data.shards).absolute())
+    config.data.shards = absolute(config.data.shards)  # the workers run in other folders, maybe machines
     shards = open_shards(config.data.shards)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     init_ray()
-    use_gpu, cpus = _resources(config)
+    use_gpu, cpus = resources(config)
 
     if saved is None:
         tokenizer_dir = _prepare_tokenizer(config, shards, run_dir, console)
@@ -87,13 +88,16 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                                run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
         if saved is None:
             registry.log_shards_input(config.data.shards, shards.manifest)
-        _write_json(fs, f"{run_dir}/{RUN_FILE}", {
+        write_json(fs, f"{run_dir}/{RUN_FILE}", {
             "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
             "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
         console.print(f"[bold]pretrain[/bold] {run_name}: {config.model.preset} model, {config.engine.workers} "
                       f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), ZeRO-{config.engine.zero_stage}, "
                       f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
-        result = _fit(config, run_name, storage, tokenizer_dir, shards.url, use_gpu, cpus, mlflow_run_id)
+        result = fit(train_loop, {"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir,
+                                  "shards": shards.url, "threads": cpus, "mlflow_run_id": mlflow_run_id,
+                                  "tracking_uri": settings().mlflow_tracking_uri},
+                     config.engine, run_name, storage, use_gpu, cpus)
         metrics = dict(result.metrics or {})
         step = int(metrics.get("step", 0))
         if metrics.get("stopped"):
@@ -110,7 +114,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             if "heldout_perplexity" not in final:
                 raise PipelineError("no held-out documents to measure perplexity on: raise --heldout-percent "
                                     "or --eval-batches, or pass --no-register-model")
-            with _local_copy(model_dir) as local_model:
+            with local_copy(model_dir) as local_model:
                 registered = registry.register_model(
                     local_model, config.registry.model_name, run_id=mlflow_run_id, metric="heldout_perplexity",
                     value=final["heldout_perplexity"],
@@ -130,7 +134,7 @@ def _lineage(url: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]
     return lineage
 
 
-def _resolve_run(config: PretrainConfig, storage: str, fs: Any) -> tuple[PretrainConfig, str, dict | None]:
+def resolve_run(config: Any, storage: str, fs: Any) -> tuple[Any, str, dict | None]:
     """The run's name, and for --resume the saved run with its config (plus the options a resume may change)."""
     if config.resume:
         path = f"{storage}/{config.resume}/{RUN_FILE}"
@@ -141,14 +145,12 @@ def _resolve_run(config: PretrainConfig, storage: str, fs: Any) -> tuple[Pretrai
             raise PipelineError(f"no run named {config.resume!r} in {storage} (looked for {path})") from None
         merged = saved["config"]
         given = config.model_dump(mode="json")
-        for path_keys in PretrainConfig.resumable:
+        for path_keys in type(config).resumable:
             node_from, node_to = given, merged
             for key in path_keys[:-1]:
                 node_from, node_to = node_from[key], node_to[key]
             node_to[path_keys[-1]] = node_from[path_keys[-1]]
-        resumed = PretrainConfig.model_validate({**merged, "resume": config.resume, "run_name": config.resume})
-        if config.data.shards and config.data.shards != resumed.data.shards:
-            raise PipelineError(f"run {config.resume} trains on {resumed.data.shards}, not {config.data.shards}")
+        resumed = type(config).model_validate({**merged, "resume": config.resume, "run_name": config.resume})
         if config.engine.workers != resumed.engine.workers and config.engine.workers != 1:
             raise PipelineError(f"run {config.resume} runs with {resumed.engine.workers} workers; resume it with "
                                 f"the same number (its data positions are per worker)")
@@ -160,7 +162,7 @@ def _resolve_run(config: PretrainConfig, storage: str, fs: Any) -> tuple[Pretrai
     return config, name, None
 
 
-def _resources(config: PretrainConfig) -> tuple[bool, int]:
+def resources(config: Any) -> tuple[bool, int]:
     """GPU or not, and CPUs per worker; a request the local cluster can never place is an error now,
     not a trainer waiting forever."""
     import ray
@@ -204,18 +206,15 @@ def _prepare_tokenizer(config: PretrainConfig, shards: Any, run_dir: str, consol
     return target
 
 
-def _fit(config: PretrainConfig, run_name: str, storage: str, tokenizer_dir: str, shards_url: str,
-         use_gpu: bool, cpus: int, mlflow_run_id: str) -> Any:
+def fit(loop: Any, args: dict[str, Any], e: Any, run_name: str, storage: str, use_gpu: bool, cpus: int) -> Any:
+    """Run `loop(args)` on `e.workers` Ray Train workers; checkpoints and restarts as the engine config says."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    e = config.engine
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir,
-                           "shards": shards_url, "threads": cpus, "mlflow_run_id": mlflow_run_id,
-                           "tracking_uri": settings().mlflow_tracking_uri},
+        loop,
+        train_loop_config=args,
         scaling_config=ScalingConfig(num_workers=e.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
@@ -227,9 +226,17 @@ def _fit(config: PretrainConfig, run_name: str, storage: str, tokenizer_dir: str
     try:
         return trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends: say what failed, in one line
-        cause = exc.__cause__ or exc
-        raise PipelineError(f"training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}"
-                            f" (checkpoints in {storage}/{run_name})") from exc
+        raise PipelineError(f"training failed: {_error_line(exc)} (checkpoints in {storage}/{run_name})") from exc
+
+
+def _error_line(exc: BaseException) -> str:
+    """The line that names the error in a worker's traceback (Ray wraps it in its own exceptions)."""
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line):
+            return line[:500]
+    return f"{type(cause).__name__}: {lines[-1][:500] if lines else ''}"
 
 
 # -- the workers ----------------------------------------------------------------------------------
@@ -278,7 +285,7 @@ def train_loop(args: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     bf16 = config.engine.precision == "bf16" or (config.engine.precision == "auto" and device.type == "cuda")
 
-    with _local_copy(args["tokenizer_dir"]) as tokenizer_dir:
+    with local_copy(args["tokenizer_dir"]) as tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir)
         mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
                                tokenizer.eos_token_id)
@@ -305,7 +312,7 @@ def train_loop(args: dict[str, Any]) -> None:
                 step = json.loads(Path(d, "state.json").read_text())["step"]
                 stream.load_state_dict(json.loads(Path(d, f"data-rank{rank}.json").read_text()))
 
-        metrics_log = _MetricsLog(args) if rank == 0 else None
+        metrics_log = MetricsLog(args) if rank == 0 else None
         if metrics_log and checkpoint:  # a restart after a failure, or a resumed run
             metrics_log.add(step, {"restored_from_step": step})
             metrics_log.flush()
@@ -342,22 +349,24 @@ def train_loop(args: dict[str, Any]) -> None:
                     engine.train()
                 if metrics_log:
                     metrics_log.flush()
-                _save(engine, stream, rank, step, report)
+                save_checkpoint(engine, stream, rank, step, report)
         if metrics_log:
             metrics_log.close()
 
 
-def _save(engine: Any, stream: Any, rank: int, step: int, metrics: dict[str, Any]) -> None:
-    """A checkpoint: DeepSpeed's files from every rank, each rank's data position; Ray Train merges them."""
+def save_checkpoint(engine: Any, stream: Any, rank: int, step: int, metrics: dict[str, Any],
+                    state: dict[str, Any] | None = None, exclude_frozen: bool = False) -> None:
+    """A checkpoint: DeepSpeed's files from every rank (without frozen weights if asked), each rank's
+    data position, rank 0's `state.json`; reported with `metrics`. Ray Train merges the ranks' folders."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(f"{d}/{DS_TAG}", exist_ok=True)
-        engine.save_checkpoint(d, tag=DS_TAG)
+        engine.save_checkpoint(d, tag=DS_TAG, exclude_frozen_parameters=exclude_frozen)
         Path(d, f"data-rank{rank}.json").write_text(json.dumps(stream.state_dict()))
         if rank == 0:
-            Path(d, "state.json").write_text(json.dumps({"step": step}))
+            Path(d, "state.json").write_text(json.dumps({"step": step, **(state or {})}))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:07d}")
 
 
@@ -397,17 +406,16 @@ def _evaluate(engine: Any, config: PretrainConfig, shards: Any, tokenizer_dir: s
     return {"heldout_loss": mean, "heldout_perplexity": math.exp(min(mean, 50.0))}
 
 
-class _MetricsLog:
+class MetricsLog:
     """Rank 0's per-step metrics, sent to MLflow in batches so logging never stalls a step."""
 
     def __init__(self, args: dict[str, Any]):
         from mlflow.tracking import MlflowClient
 
-        config = PretrainConfig.model_validate(args["config"])
         self.client = MlflowClient(tracking_uri=args["tracking_uri"])
         self.run_id = args["mlflow_run_id"]
-        self.every = config.engine.log_every
-        self.quiet = config.quiet
+        self.every = args["config"]["engine"]["log_every"]
+        self.quiet = args["config"]["quiet"]
         self.pending: list[Any] = []
         self.last_flush = time.monotonic()
 
@@ -418,8 +426,9 @@ class _MetricsLog:
             now = int(time.time() * 1000)
             self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
         if "loss" in values and not self.quiet and (step % 10 == 0 or step == 1):
+            mfu = f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
             print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
-                  f"{values['tokens_per_s']:.0f} tokens/s, MFU {values['mfu']:.1%}", flush=True)
+                  f"{values['tokens_per_s']:.0f} tokens/s{mfu}", flush=True)
         if time.monotonic() - self.last_flush > 5 or len(self.pending) > 900:
             self.flush()
 
@@ -456,7 +465,7 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    with (_local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out,
+    with (local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out,
           contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())):
         # (DeepSpeed's consolidation prints its progress; failures still raise)
         tokenizer = load_tokenizer(local_tokenizer)
@@ -486,7 +495,7 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
 
 # -- storage helpers ------------------------------------------------------------------------------
 
-class _local_copy:
+class local_copy:
     """A local folder with the contents of `url`: the folder itself when local, else a temporary download."""
 
     def __init__(self, url: str):
@@ -506,7 +515,17 @@ class _local_copy:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _write_json(fs: Any, url: str, data: Any) -> None:
+def absolute(url: str) -> str:
+    """A local path made absolute; URLs as they are."""
+    return url if "://" in url else str(Path(url).absolute())
+
+
+def storage_root(storage: str | None) -> str:
+    """Where runs live: the configured folder or URL, else `$PIPELINES_HOME/train`."""
+    return absolute((storage or str(settings().home / "train")).rstrip("/"))
+
+
+def write_json(fs: Any, url: str, data: Any) -> None:
     _, path = filesystem(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:

@@ -298,8 +298,18 @@ def register_adapter(adapter_dir: str, name: str, *, run_id: str, base_uri: str,
     except MlflowException as e:
         raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
     client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
-    return _register_version(client, f"runs:/{run_id}/{ADAPTER_PATH}", name, metric, float(value), lower_is_better,
-                             lineage, {BASE_MODEL_TAG: base_uri, "pipelines.kind": "lora-adapter"})
+    # Plain artifacts, not an MLflow model: MLflow 3's register_model wants a logged model for a
+    # runs:/ URI, so the version is created from the artifact location itself.
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_PATH}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # created meanwhile
+            pass
+    return _register_version(client, source, name, metric, float(value), lower_is_better, lineage,
+                             {BASE_MODEL_TAG: base_uri, "pipelines.kind": "lora-adapter"}, run_id=run_id)
 
 
 def load_adapter(uri: str, dst: str | None = None) -> tuple[str, str]:
@@ -319,10 +329,15 @@ def load_adapter(uri: str, dst: str | None = None) -> tuple[str, str]:
 
 def _register_version(client: MlflowClient, source: str, name: str, metric: str, value: float,
                       lower_is_better: bool, lineage: Mapping[str, Any] | None,
-                      extra_tags: Mapping[str, Any] | None) -> Registered:
-    """A new version of `name` from `source`: alias candidate, and champion when `value` beats the champion's."""
+                      extra_tags: Mapping[str, Any] | None, run_id: str | None = None) -> Registered:
+    """A new version of `name` from `source` (a logged model's URI; with `run_id`, an artifact
+    location): alias candidate, and champion when `value` beats the champion's."""
     tags = {metric: repr(value), **_prefixed("lineage", lineage), **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    mv = mlflow.register_model(source, name, tags={k: _truncate(v, TAG_VALUE_LIMIT) for k, v in tags.items()})
+    tags = {k: _truncate(v, TAG_VALUE_LIMIT) for k, v in tags.items()}
+    if run_id is None:
+        mv = mlflow.register_model(source, name, tags=tags)
+    else:
+        mv = client.create_model_version(name, source, run_id=run_id, tags=tags)
     version = int(mv.version)
     client.set_registered_model_alias(name, CANDIDATE, str(version))
 

@@ -16,6 +16,11 @@ from transformers import PreTrainedTokenizerFast
 from pipelines.errors import PipelineError
 
 EOS = "<|endoftext|>"
+# Chat turns as plain lines, each assistant turn ending in eos (so generation stops there); a
+# prefix-stable template: rendering the first k messages gives a prefix of rendering k + 1.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
 MIN_VOCAB = 257  # the 256 byte symbols and <|endoftext|>
 
 
@@ -32,6 +37,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str) -> PreT
     bpe.train_from_iterator(texts, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                         pad_token=EOS)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
