@@ -1,0 +1,393 @@
+"""The Ray Serve application: one deployment whose replicas hold the model and answer HTTP.
+
+- `OpenAIServer` is the deployment: each replica loads the registered model, builds the FastAPI app
+  of `openai_api` over itself (`serve.ingress` with `__serve_build_asgi_app__`), batches generation
+  and embedding calls (`serve.batch`), loads adapters on demand into a per-replica LRU
+  (`serve.multiplexed`) and watches the registry: when the alias moves it loads the new version
+  beside the old one and switches over; requests in flight finish on the version they started on.
+- `build_app(args)` is the application builder that `serve run` / `serve deploy` / a RayService
+  import (`pipelines.serve.app:build_app`); `emit_config` writes that config file.
+- `serve_model(config)` is the stage's entry (`pipelines serve`): Serve on the local Ray of
+  `pipelines.runtime.init_ray()`, or on the cluster at `RAY_ADDRESS`.
+
+Request path (measured by benchmarks/serve_latency.py): Serve's HTTP proxy is a separate actor, so
+a request through it parses HTTP there, then crosses to the replica as an actor call carrying the
+ASGI messages and back: ~6 ms p50 over plain FastAPI on a 2-core machine (~3 ms of it the actor call
+alone), ~4 ms with gRPC between proxy and replica. With one replica, `serve_model` turns on Serve's
+direct ingress instead: the replica runs the HTTP server itself on `port` and the request path is
+the FastAPI app alone; it also runs our code on the replica's own event loop (`ray_serve_env`). With
+several replicas (or autoscaling) the proxy balances them (`ingress: proxy`), or, with direct ingress
+forced, each replica listens on port+i behind a load balancer of your own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import yaml
+from ray import serve
+from ray.serve import Application
+
+from pipelines.errors import PipelineError
+from pipelines.serve.config import ServeConfig
+from pipelines.serve.engine import AdapterError, Generation, TextEngine
+from pipelines.serve.openai_api import AccessControl, APIError, build_api
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "pipelines-serve"
+DEPLOYMENT = "OpenAIServer"
+
+
+class LoadedAdapter:
+    """An adapter loaded on one engine; unloaded when the LRU of `serve.multiplexed` evicts it.
+
+    It holds its engine weakly: after a version switch the old model is freed once its requests are
+    done, even while stale entries wait in the LRU (their keys name the old engine: never asked again).
+    """
+
+    def __init__(self, engine: TextEngine, name: str):
+        self._engine, self.name = weakref.ref(engine), name
+        # serve.multiplexed calls `model.__del__()` on eviction. An instance attribute, so the GC
+        # never calls it (it could, from the thread that holds the engine's lock).
+        self.__del__ = self.unload
+
+    @property
+    def engine(self) -> TextEngine | None:
+        return self._engine()
+
+    def unload(self) -> None:
+        engine = self._engine()
+        if engine is not None:
+            engine.unload_adapter(self.name)
+
+
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress()
+class OpenAIServer:
+    """A replica: the model (and adapters) of `config`, served by the app of `openai_api`."""
+
+    def __init__(self, config: dict[str, Any], tracking_uri: str | None = None):
+        from pipelines.train.registry import configure_tracking, resolve_version
+
+        if tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        configure_tracking()
+        self._resolve_version = resolve_version
+        self.config = ServeConfig.model_validate(config)
+        self.access = AccessControl(self.config.access.api_keys, self.config.access.rate_limit)
+        self.base_name, version = resolve_version(self.config.model)
+        self.engine = self._load(version)
+        self.adapter_versions: dict[str, int] = {}  # adapter name -> its version for the current base
+        self._adapter_problems: dict[str, str] = {}  # adapter URI -> why it is not (or not quite) served
+        self._resolve_adapters()
+        self._generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
+        self._embed_batch.set_max_batch_size(self.config.batching.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
+
+        async def open_adapter(key: str) -> LoadedAdapter:  # a plain function: multiplexed keeps its LRU on it
+            return await self._open_adapter(key)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.config.max_loaded_adapters)(open_adapter)
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        if self.config.watch_interval_s > 0:
+            threading.Thread(target=self._watch, name="registry-watch", daemon=True).start()
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_api(self)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    # -- what the routes call ------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        return [self.base_name] + [f"{self.base_name}:{a}" for a in sorted(self.adapter_versions)]
+
+    async def resolve(self, model: str) -> tuple[TextEngine, str | None]:
+        """The engine for `model` (NAME or NAME:ADAPTER) and the adapter's loaded name."""
+        engine = self.engine
+        base, sep, adapter = model.partition(":")
+        if base != self.base_name or (sep and adapter not in self.adapter_versions):
+            raise APIError(404, f"model {model!r} not found; served: {', '.join(self.model_ids())}",
+                           param="model", code="model_not_found")
+        if not sep:
+            return engine, None
+        loaded = await self._adapter(f"{adapter}/{self.adapter_versions[adapter]}@{engine.load_id}")
+        return engine, loaded.name
+
+    async def generate(self, rows: Sequence[Generation]) -> None:
+        engine = self.engine
+        await asyncio.gather(*(self._generate_batch((engine, row)) for row in rows))
+
+    async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor:
+        return torch.stack(await asyncio.gather(*(self._embed_batch((engine, ids, adapter)) for ids in inputs)))
+
+    async def reload(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.refresh)
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.base_name, "version": self.engine.version,
+                "adapters": self.adapter_versions}
+
+    # -- batches -------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _generate_batch(self, items: list[tuple[TextEngine, Generation]]) -> list[None]:
+        # Requests that started before a version switch finish on the engine they started on.
+        for engine, group in itertools.groupby(items, key=lambda item: item[0]):
+            rows = [row for _, row in group]
+            try:
+                await asyncio.to_thread(engine.generate, rows)
+            except AdapterError as e:  # evicted between resolve and run: the LRU is too small for the load
+                raise APIError(503, f"{e}; retry", type="server_error", code="adapter_unavailable") from None
+        return [None] * len(items)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _embed_batch(self, items: list[tuple[TextEngine, list[int], str | None]]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for (engine, adapter), group in itertools.groupby(items, key=lambda item: (item[0], item[2])):
+            out.extend(await asyncio.to_thread(engine.embed, [ids for _, ids, _ in group], adapter))
+        return out
+
+    # -- the registry --------------------------------------------------------------------------
+    def _load(self, version: int) -> TextEngine:
+        from pipelines.train.registry import load_registered
+
+        started = time.monotonic()
+        model, tokenizer = load_registered(f"models:/{self.base_name}/{version}")
+        engine = TextEngine(model, tokenizer, self.base_name, version)
+        engine.generate([Generation(engine.encode("warm up") or [engine.eos], 1, temperature=0.0)])
+        log.info("loaded %s in %.1f s", engine.label, time.monotonic() - started)
+        return engine
+
+    def refresh(self) -> dict[str, Any]:
+        """Follow a moved alias: load the new version, then switch to it; re-resolve the adapters."""
+        with self._refresh_lock:
+            previous = self.engine.version
+            _, version = self._resolve_version(self.config.model)
+            if version != previous:
+                self.engine = self._load(version)
+                log.warning("%s: now serving version %d (was %d)", self.config.model, version, previous)
+            self._resolve_adapters()
+            return {"model": self.base_name, "version": self.engine.version, "previous_version": previous,
+                    "adapters": self.adapter_versions}
+
+    def _resolve_adapters(self) -> None:
+        """Each adapter's version for this base; adapters of another base are left out, with a warning."""
+        found: dict[str, int] = {}
+        problems: dict[str, str] = {}
+        for uri in self.config.adapter:
+            try:
+                name, version = self._resolve_version(uri)
+                base_name, base_version = self._adapter_base(name, version)
+            except PipelineError as e:
+                problems[uri] = f"adapter {uri} not served: {e}"
+                continue
+            if base_name != self.base_name:
+                problems[uri] = f"adapter {uri} not served: trained on {base_name}, not {self.base_name}"
+                continue
+            if base_version != self.engine.version:
+                problems[uri] = (f"adapter {uri} was trained on {base_name}/{base_version}, served on version "
+                                 f"{self.engine.version}")
+            found[name] = version
+        for uri, problem in problems.items():
+            if self._adapter_problems.get(uri) != problem:  # once, not at every check
+                log.warning(problem)
+        self._adapter_problems = problems
+        self.adapter_versions = found
+
+    def _adapter_base(self, name: str, version: int) -> tuple[str, int]:
+        """The base (name, version) an adapter version was trained on: its `base_model` tag."""
+        from mlflow import MlflowClient
+
+        from pipelines.train.registry import BASE_MODEL_TAG
+
+        base = MlflowClient().get_model_version(name, str(version)).tags.get(BASE_MODEL_TAG)
+        if not base:
+            raise PipelineError(f"models:/{name}/{version} is not a LoRA adapter (no {BASE_MODEL_TAG} tag)")
+        return self._resolve_version(base)
+
+    async def _open_adapter(self, key: str) -> LoadedAdapter:
+        """Load `ADAPTER/VERSION@ENGINE` (the key of the multiplexed LRU) onto the current engine."""
+        from pipelines.train.registry import load_adapter
+
+        ref, _, load_id = key.partition("@")
+        name, _, version = ref.partition("/")
+        engine = self.engine
+        if engine.load_id != load_id:
+            raise APIError(503, "the model version changed while loading the adapter; retry", type="server_error",
+                           code="model_reloading")
+        loaded_name = f"{name}_v{version}"  # peft: no dots in adapter names
+
+        def fetch_and_load() -> None:
+            with tempfile.TemporaryDirectory(prefix="pipelines-adapter-") as tmp:  # weights end up in memory
+                folder, _ = load_adapter(f"models:/{name}/{version}", tmp)
+                engine.load_adapter(loaded_name, folder)
+
+        try:
+            await asyncio.to_thread(fetch_and_load)
+        except (PipelineError, AdapterError) as e:
+            raise APIError(503, f"adapter {name} v{version} cannot be loaded: {e}", type="server_error",
+                           code="adapter_unavailable") from None
+        return LoadedAdapter(engine, loaded_name)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.config.watch_interval_s):
+            try:
+                self.refresh()
+            except Exception as e:  # a registry hiccup must not stop the watching
+                log.warning("registry check failed: %s", e)
+
+
+# -- building and running ------------------------------------------------------------------------
+def deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """Ray Serve options of the deployment: replicas or autoscaling, resources, queue size."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        # Startup logs only: a log line per request is on the request path.
+        "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
+    }
+    if config.scaling.autoscale:
+        options["autoscaling_config"] = {
+            "min_replicas": config.scaling.min_replicas, "max_replicas": config.scaling.max_replicas,
+            "target_ongoing_requests": config.scaling.target_ongoing_requests}
+    else:
+        options["num_replicas"] = config.replicas
+    return options
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The Serve application for `args` (a ServeConfig as a dict): the builder `serve run/deploy` import."""
+    from pipelines.train.registry import configure_tracking
+
+    config = ServeConfig.model_validate(args)
+    return OpenAIServer.options(**deployment_options(config)).bind(config.model_dump(mode="json"), configure_tracking())
+
+
+def ray_serve_env(config: ServeConfig) -> dict[str, str]:
+    """Serve's settings for `config`, read by Ray's processes when they start (so: set before Ray starts).
+
+    Always (both measured in benchmarks/serve_latency.py): the deployment's code runs on the replica's
+    own event loop rather than a second one in another thread (ours never blocks it: model calls go
+    to a worker thread), and the proxy calls replicas over gRPC rather than Ray actor calls. With
+    direct ingress: replica i answers HTTP on port+i.
+    """
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+    if not config.direct_ingress:
+        return env
+    return env | {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.port + config.most_replicas),
+        # Defaults fit a cloud load balancer in front (30 s drain, 150 s before a port is reused);
+        # here nothing has to deregister the replica.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+    }
+
+
+def emit_config(config: ServeConfig, path: str | Path) -> Path:
+    """Write the Ray Serve config file for `config`: `serve run FILE`, `serve deploy FILE`, or a
+    RayService's `serveConfigV2`. The direct-ingress variables go in the cluster's environment."""
+    args = config.model_dump(mode="json", exclude={"emit_config", "blocking"})
+    options = deployment_options(config)
+    deployment = {"name": DEPLOYMENT, **{k: v for k, v in options.items() if k != "logging_config"}}
+    env_vars = {}
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking:
+        env_vars["MLFLOW_TRACKING_URI"] = tracking
+    serve_config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.host, "port": config.serve_proxy_port},
+        "logging_config": options["logging_config"],
+        "applications": [{
+            "name": APP_NAME, "route_prefix": "/", "import_path": "pipelines.serve.app:build_app",
+            "args": args, **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}),
+            "deployments": [deployment]}],
+    }
+    header = ["# Ray Serve config written by `pipelines serve --emit-config`.",
+              "# Run: serve run FILE  |  serve deploy FILE  |  a KubeRay RayService's spec.serveConfigV2."]
+    header.append("# Set these in the Ray cluster's environment (every node) before it starts:")
+    header += [f"#   {k}={v}" for k, v in ray_serve_env(config).items()]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header) + "\n" + yaml.safe_dump(serve_config, sort_keys=False))
+    return out
+
+
+def serve_model(config: ServeConfig) -> str | None:
+    """Serve `config` on Ray Serve; return the base URL (or write the config file when `emit_config`)."""
+    import ray
+
+    from pipelines.runtime import init_ray, settings
+
+    if config.emit_config:
+        out = emit_config(config, config.emit_config)
+        print(f"wrote {out}")
+        return None
+    from pipelines.train.registry import configure_tracking, resolve_version
+
+    configure_tracking()
+    resolve_version(config.model)  # fails here, in one line, rather than in the replica's constructor
+    direct = config.direct_ingress
+    if not ray.is_initialized() and not settings().ray_address:
+        for key, value in ray_serve_env(config).items():  # the local Ray's processes inherit them
+            os.environ.setdefault(key, value)
+    if direct and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        log.warning("direct ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray starts; serving through the proxy")
+        config = config.model_copy(update={"ingress": "proxy"})
+        direct = False
+    init_ray()
+    serve.start(http_options={"host": config.host, "port": config.serve_proxy_port})
+    try:
+        serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # the replica's constructor failed (e.g. no such model): its error, one line
+        raise PipelineError(f"cannot start serving {config.model}: {_root_cause(e)}") from None
+    url = f"http://{config.host}:{config.port}"
+    _wait_until_up(url)
+    where = "direct ingress" if direct else "Serve's proxy"
+    print(f"serving {config.model} at {url}/v1 ({where})", flush=True)
+    if not config.blocking:
+        return url
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+    return url
+
+
+def _wait_until_up(url: str, timeout_s: float = 120.0) -> None:
+    """Replicas are RUNNING before their direct-ingress server listens: wait for /healthz."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise PipelineError(f"{url}/healthz did not answer within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def _root_cause(exc: BaseException) -> str:
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        if "PipelineError:" in line:
+            return line.split("PipelineError:", 1)[1].strip()
+    return text.splitlines()[-1] if text else type(exc).__name__

@@ -1,0 +1,110 @@
+"""The serving config: what to serve, where, how many replicas, batching, keys and limits.
+
+Every leaf field is also a `pipelines serve` option (`max_batch_size` -> `--max-batch-size`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from pipelines.config import ConfigModel
+from pipelines.errors import PipelineError
+
+
+class AutoscaleConfig(ConfigModel):
+    """Ray Serve autoscaling, used when `autoscale` is on (else `replicas` fixed replicas)."""
+
+    autoscale: bool = Field(False, description="Scale replicas with load between min and max.")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Requests in flight per replica that autoscaling aims for.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class BatchConfig(ConfigModel):
+    """Request batching (`serve.batch`) of generation and embedding calls within a replica."""
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests run as one model call.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="How long a batch waits to fill. 0: take whatever queued while the "
+        "previous batch ran, so a lone request never waits.")
+
+
+class AccessConfig(ConfigModel):
+    """Optional API keys and a per-key rate limit."""
+
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; none: no auth.")
+    rate_limit: int | None = Field(
+        None, ge=1, description="Requests per key (per client address without keys) per minute, per replica.")
+
+
+class ServeConfig(ConfigModel):
+    """`pipelines serve`: an OpenAI-compatible HTTP API for a registered model, on Ray Serve."""
+
+    model: str = Field(description="Registered model to serve: models:/NAME@ALIAS or models:/NAME/VERSION.")
+    adapter: list[str] = Field(
+        default_factory=list, description="LoRA adapters to serve (models:/ADAPTER@ALIAS), requested as model "
+        "NAME:ADAPTER.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ingress: Literal["auto", "direct", "proxy"] = Field(
+        "auto", description="direct: each replica answers HTTP itself (Serve's direct ingress, no proxy hop); "
+        "proxy: Serve's HTTP proxy in front; auto: direct for one fixed replica, else proxy.")
+    proxy_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve's proxy port under direct ingress (default: right after "
+        "the replicas' ports).")
+    replicas: int = Field(1, ge=1, description="Fixed number of replicas (without autoscale).")
+    scaling: AutoscaleConfig = AutoscaleConfig()
+    batching: BatchConfig = BatchConfig()
+    access: AccessConfig = AccessConfig()
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (torch threads follow).")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    max_loaded_adapters: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request sets none.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    watch_interval_s: float = Field(
+        30.0, ge=0, description="How often a replica checks the registry for moved aliases; 0: only "
+        "on POST /admin/reload.")
+    emit_config: str | None = Field(
+        None, description="Write a Ray Serve config YAML (serve run / serve deploy / RayService) here "
+        "instead of serving.")
+    blocking: bool = Field(True, description="Keep serving until interrupted (off: return once up).")
+
+    run_options: ClassVar[dict] = {"emit_config": True, "blocking": True}
+
+    @model_validator(mode="after")
+    def _model_uri(self) -> ServeConfig:
+        for uri in [self.model, *self.adapter]:
+            if not uri.startswith("models:/"):
+                raise ValueError(f"{uri!r} is not a registered model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+        return self
+
+    @property
+    def direct_ingress(self) -> bool:
+        """Whether replicas answer HTTP themselves (no proxy hop)."""
+        if self.ingress == "auto":
+            return self.replicas == 1 and not self.scaling.autoscale
+        return self.ingress == "direct"
+
+    @property
+    def most_replicas(self) -> int:
+        return self.scaling.max_replicas if self.scaling.autoscale else self.replicas
+
+    @property
+    def serve_proxy_port(self) -> int:
+        """Where Serve's own HTTP proxy listens: `port`, or past the replicas' ports under direct ingress."""
+        if not self.direct_ingress:
+            return self.port
+        port = self.proxy_port or self.port + self.most_replicas
+        if self.port <= port < self.port + self.most_replicas:
+            raise PipelineError(f"proxy_port {port} collides with the replicas' ports "
+                                f"{self.port}-{self.port + self.most_replicas - 1}")
+        return port

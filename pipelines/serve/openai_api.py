@@ -1,0 +1,411 @@
+"""The OpenAI-compatible HTTP API: request schemas, errors, auth, rate limits and the routes.
+
+`build_api(server)` returns a FastAPI app whose routes call a `ModelServer` (the Ray Serve replica;
+the benchmark also mounts it on plain uvicorn). Routes:
+
+- `GET  /v1/models`            the base model and `NAME:ADAPTER` for each adapter
+- `POST /v1/completions`       prompt (text, texts or token ids) -> text; `stream: true` for SSE
+- `POST /v1/chat/completions`  messages -> the assistant's reply; `stream: true` for SSE
+- `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64)
+- `GET  /healthz`              the model version being served (no key needed)
+- `POST /admin/reload`         check the registry now for a moved alias (the replica that gets it)
+
+Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
+a field of the wrong type or out of its range 422, an unknown model 404, a prompt longer than the
+context (or max_tokens past it or past the server's limit) 400, a missing or wrong key 401, over
+the rate limit 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipelines.serve.engine import Generation, TextEngine
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipelines.serve.config import ServeConfig
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[\w-]+\[.*\])$")
+
+
+# -- errors --------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "invalid", "loc": (), "msg": "invalid request"}
+    if first["type"] == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return error_response(400, f"request body is not valid JSON ({detail})", code="invalid_json")
+    param = _param(first["loc"])
+    # A union field fails once per member type: name the field once, with each reason.
+    reasons = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param))
+    message = f"{param}: {' or '.join(reasons[:4])}" if param else first["msg"]
+    return error_response(422, message, param=param, code=first["type"])
+
+
+def _param(loc: Sequence[Any]) -> str | None:
+    """A dotted field name from a pydantic error location, without `body` and union member tags."""
+    parts = [str(p) for p in loc if p != "body" and not _UNION_TAG.match(str(p))]
+    return ".".join(parts) or None
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                          headers=getattr(exc, "headers", None))
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error",
+                          code="internal_error")
+
+
+# -- request schemas -----------------------------------------------------------------------------
+# Strict: "0.5" is not a number and 1 is not a bool; unknown fields (user, logit_bias...) are ignored.
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Sampling(_Request):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    stream_options: StreamOptions | None = None
+
+
+class ContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream_options: StreamOptions | None = None
+
+
+class EmbeddingRequest(_Request):
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | \
+        Annotated[list[list[int]], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+
+# -- what the routes call ------------------------------------------------------------------------
+class ModelServer(Protocol):
+    """The replica as the routes see it."""
+
+    config: ServeConfig
+    access: AccessControl
+
+    def model_ids(self) -> list[str]: ...
+    async def resolve(self, model: str) -> tuple[TextEngine, str | None]: ...
+    async def generate(self, rows: Sequence[Generation]) -> None: ...
+    async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor: ...
+    async def reload(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
+
+
+class AccessControl:
+    """Bearer keys (none configured: open) and a token bucket of `rate_limit` requests a minute per key."""
+
+    def __init__(self, api_keys: Sequence[str], rate_limit: int | None):
+        self.keys = [k.encode() for k in api_keys]
+        self.rate_limit = rate_limit
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+
+    def check(self, request: Request) -> None:
+        """Raise 401 without a valid key, 429 over the limit."""
+        who = request.client.host if request.client else "unknown"
+        if self.keys:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token.strip().encode()
+            if scheme.lower() != "bearer" or not given:
+                raise APIError(401, "missing API key: send Authorization: Bearer KEY", code="invalid_api_key")
+            if not any(hmac.compare_digest(given, k) for k in self.keys):
+                raise APIError(401, "invalid API key", code="invalid_api_key")
+            who = "key:" + token.strip()
+        if self.rate_limit is not None:
+            self._take(who)
+
+    def _take(self, who: str) -> None:
+        assert self.rate_limit is not None
+        now = time.monotonic()
+        per_second = self.rate_limit / 60.0
+        tokens, then = self._buckets.get(who, (float(self.rate_limit), now))
+        tokens = min(float(self.rate_limit), tokens + (now - then) * per_second)
+        if tokens < 1.0:
+            self._buckets[who] = (tokens, now)
+            retry = max(1, math.ceil((1.0 - tokens) / per_second))
+            raise APIError(429, f"rate limit of {self.rate_limit} requests per minute exceeded",
+                           type="requests", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        self._buckets[who] = (tokens - 1.0, now)
+
+
+# -- the app -------------------------------------------------------------------------------------
+def build_api(server: ModelServer) -> FastAPI:
+    """The FastAPI app of `server`'s OpenAI-compatible routes."""
+    app = FastAPI(title="pipelines serve", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse(server.health())
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        server.access.check(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "pipelines"} for m in server.model_ids()]})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        server.access.check(request)
+        engine, adapter = await server.resolve(body.model)
+        prompts = _prompt_ids(body.prompt, engine)
+        rows = [_row(server.config, engine, ids, body, body.max_tokens, adapter, "prompt")
+                for ids in prompts for _ in range(body.n)]
+        meta = _meta("cmpl", body.model, engine)
+        if body.stream:
+            _single_choice(rows)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_completion_chunks(server, rows[0], meta, include_usage))
+        await server.generate(rows)
+        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                   for i, r in enumerate(rows)]
+        return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": _usage(rows)})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Response:
+        server.access.check(request)
+        engine, adapter = await server.resolve(body.model)
+        ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        rows = [_row(server.config, engine, ids, body, max_tokens, adapter, "messages") for _ in range(body.n)]
+        meta = _meta("chatcmpl", body.model, engine)
+        if body.stream:
+            _single_choice(rows)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_chat_chunks(server, rows[0], meta, include_usage))
+        await server.generate(rows)
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                    "logprobs": None} for i, r in enumerate(rows)]
+        return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(rows)})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+        server.access.check(request)
+        engine, adapter = await server.resolve(body.model)
+        inputs = _prompt_ids(body.input, engine)
+        for i, ids in enumerate(inputs):
+            if len(ids) > engine.context_length:
+                raise APIError(400, f"input {i} has {len(ids)} tokens; the model's context is "
+                               f"{engine.context_length}", param="input", code="context_length_exceeded")
+        vectors = (await server.embed(engine, inputs, adapter)).numpy()
+        if body.dimensions is not None:
+            if body.dimensions > vectors.shape[1]:
+                raise APIError(400, f"dimensions {body.dimensions} > the model's {vectors.shape[1]}",
+                               param="dimensions", code="invalid_value")
+            vectors = vectors[:, :body.dimensions]
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        tokens = sum(len(ids) for ids in inputs)
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/admin/reload")
+    async def reload(request: Request) -> JSONResponse:
+        server.access.check(request)
+        return JSONResponse(await server.reload())
+
+    return app
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _prompt_ids(prompt: str | list[str] | list[int] | list[list[int]], engine: TextEngine) -> list[list[int]]:
+    """Token ids of each prompt (a text, texts, token ids or lists of them)."""
+    if isinstance(prompt, str):
+        prompts: list[Any] = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
+    vocab = len(engine.tokenizer)
+    out = []
+    for p in prompts:
+        ids = engine.encode(p) if isinstance(p, str) else list(p)
+        if any(not 0 <= t < vocab for t in ids):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt", code="invalid_value")
+        out.append(ids or [engine.tokenizer.bos_token_id if engine.tokenizer.bos_token_id is not None else engine.eos])
+    return out
+
+
+def _row(config: ServeConfig, engine: TextEngine, ids: list[int], body: _Sampling, max_tokens: int | None,
+         adapter: str | None, prompt_param: str) -> Generation:
+    room = engine.context_length - len(ids)
+    if room < 1:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {engine.context_length}",
+                       param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(config.default_max_tokens, room)
+    elif max_tokens > config.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} > this server's limit of {config.max_tokens_limit}",
+                       param="max_tokens", code="invalid_value")
+    elif max_tokens > room:
+        raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                       f"context of {engine.context_length}", param="max_tokens", code="context_length_exceeded")
+    stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
+    return Generation(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+                      adapter=adapter)
+
+
+def _single_choice(rows: list[Generation]) -> None:
+    if len(rows) != 1:
+        raise APIError(400, "streaming takes one prompt and n=1", param="n", code="invalid_value")
+
+
+def _meta(prefix: str, model: str, engine: TextEngine) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model,
+            "system_fingerprint": engine.label}
+
+
+def _usage(rows: Sequence[Generation]) -> dict[str, int]:
+    # n choices of one prompt count the prompt once, as OpenAI does.
+    prompt = sum(len(ids) for ids in {id(r.prompt_ids): r.prompt_ids for r in rows}.values())
+    completion = sum(len(r.token_ids) for r in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
+
+
+def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield _event(event)
+        except APIError as e:  # the status line is sent already: the error comes as the last event
+            yield _event(json.loads(e.response().body))
+        except Exception as e:
+            yield _event(json.loads(error_response(500, f"internal error: {type(e).__name__}: {e}",
+                                                   type="server_error", code="internal_error").body))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _event(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _pieces(server: ModelServer, row: Generation) -> AsyncIterator[str]:
+    """The row's text as it is generated (the generation runs in the server's batches)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    row.sink = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
+    task = asyncio.ensure_future(server.generate([row]))
+    task.add_done_callback(lambda _: queue.put_nowait(None))  # ends the loop below if it failed early
+    try:
+        while (piece := await queue.get()) is not None:
+            yield piece
+        await task
+    finally:
+        row.cancelled = True  # a client that went away stops the row at its next token
+
+
+async def _completion_chunks(server: ModelServer, row: Generation, meta: dict[str, Any],
+                             include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    head = {**meta, "object": "text_completion"}
+    async for piece in _pieces(server, row):
+        yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
+    yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": row.finish_reason, "logprobs": None}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": _usage([row])}
+
+
+async def _chat_chunks(server: ModelServer, row: Generation, meta: dict[str, Any],
+                       include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    head = {**meta, "object": "chat.completion.chunk"}
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for piece in _pieces(server, row):
+        yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+    yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": row.finish_reason}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": _usage([row])}
