@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -48,6 +48,8 @@ DEFAULT_TARGETS = {
 
 
 class LoraSettings(ConfigModel):
+    method: Literal["lora", "full"] = Field("lora", description=(
+        "lora: train LoRA matrices on the frozen base; full: train every weight (registered as a full model)."))
     rank: int = Field(8, gt=0, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -153,10 +155,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             console.print(f"stopped after step {step}; continue with --resume {run_name}")
             return FinetuneResult(run_name, run_dir, mlflow_run_id, base_uri, step, True, metrics)
 
-        adapter_dir = f"{run_dir}/adapter"
-        merged_dir = f"{run_dir}/merged" if config.lora.merge else None
+        full = config.lora.method == "full"
+        adapter_dir = None if full else f"{run_dir}/adapter"
+        merged_dir = f"{run_dir}/merged" if config.lora.merge or full else None
         with result.checkpoint.as_directory() as checkpoint_dir:
-            export_adapter(checkpoint_dir, base_dir, adapter_dir, merged_dir, config)
+            if full:
+                export_full(checkpoint_dir, base_dir, merged_dir, config)
+            else:
+                export_adapter(checkpoint_dir, base_dir, adapter_dir, merged_dir, config)
         final = {k: float(metrics[k]) for k in ("heldout_loss_before", "heldout_loss") if metrics.get(k) is not None}
         registry.log_metrics(final, step=step)
         out = FinetuneResult(run_name, run_dir, mlflow_run_id, base_uri, step, False, metrics, adapter_dir, merged_dir)
@@ -165,20 +171,21 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 raise PipelineError("no held-out examples to measure the loss on: raise --heldout-percent, "
                                     "or pass --no-register-model")
             lineage = {"examples": shards.url, "examples_digest": shards.digest, "run_dir": run_dir}
-            with local_copy(adapter_dir) as local_adapter:
-                out.registered = registry.register_adapter(
-                    local_adapter, config.registry.model_name, run_id=mlflow_run_id, base_uri=base_uri,
-                    metric="heldout_loss", value=final["heldout_loss"], lineage=lineage)
+            if adapter_dir:
+                with local_copy(adapter_dir) as local_adapter:
+                    out.registered = registry.register_adapter(
+                        local_adapter, config.registry.model_name, run_id=mlflow_run_id, base_uri=base_uri,
+                        metric="heldout_loss", value=final["heldout_loss"], lineage=lineage)
             if merged_dir:
                 with local_copy(merged_dir) as local_merged:
                     out.registered_merged = registry.register_model(
-                        local_merged, f"{config.registry.model_name}-merged", run_id=mlflow_run_id,
+                        local_merged, config.registry.model_name + ("" if full else "-merged"), run_id=mlflow_run_id,
                         metric="heldout_loss", value=final["heldout_loss"], lineage=lineage,
                         extra_tags={registry.BASE_MODEL_TAG: base_uri})
         console.print(f"done: {step} steps, held-out loss {final.get('heldout_loss_before', math.nan):.4f} -> "
-                      f"{final.get('heldout_loss', math.nan):.4f}; adapter {adapter_dir}"
-                      + (f"; registered {out.registered.uri}{' (champion)' if out.registered.champion else ''}"
-                         if out.registered else ""))
+                      f"{final.get('heldout_loss', math.nan):.4f}; {adapter_dir or merged_dir}"
+                      + "".join(f"; registered {r.uri}{' (champion)' if r.champion else ''}"
+                                for r in (out.registered, out.registered_merged) if r))
         return out
 
 
@@ -248,7 +255,8 @@ def finetune_loop(args: dict[str, Any]) -> None:
     with local_copy(args["base_dir"]) as base_dir:
         base, _ = load_base(base_dir)
         torch.manual_seed(e.seed)  # the LoRA matrices' init
-        model = get_peft_model(base, lora_config(config.lora, base.config.model_type))
+        lora = config.lora.method == "lora"
+        model = get_peft_model(base, lora_config(config.lora, base.config.model_type)) if lora else base
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=(o.beta1, o.beta2), eps=1e-8,
                                       weight_decay=o.weight_decay)
@@ -307,10 +315,21 @@ def finetune_loop(args: dict[str, Any]) -> None:
                     engine.train()
                 if metrics_log:
                     metrics_log.flush()
+                if last:
+                    report["peak_rss_mb"] = peak_rss_mb()
                 save_checkpoint(engine, stream, rank, step, report, {"heldout_loss_before": before},
-                                exclude_frozen=True)
+                                exclude_frozen=lora)
         if metrics_log:
+            metrics_log.add(step, {"peak_rss_mb": peak_rss_mb(),
+                                   "trainable_parameters": sum(p.numel() for p in trainable)})
             metrics_log.close()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB): what a worker's model, optimizer and activations took."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def evaluate_examples(engine: Any, config: FinetuneConfig, shards: Any, tokenizer_dir: str, rank: int, world: int,
@@ -348,8 +367,8 @@ def evaluate_examples(engine: Any, config: FinetuneConfig, shards: Any, tokenize
 
 # -- export ---------------------------------------------------------------------------------------
 
-def adapter_state(checkpoint_dir: str, zero_stage: int) -> dict[str, Any]:
-    """The trainable (LoRA) weights of a DeepSpeed checkpoint saved without the frozen base, in fp32."""
+def checkpoint_state(checkpoint_dir: str, zero_stage: int, exclude_frozen: bool) -> dict[str, Any]:
+    """The weights of a DeepSpeed checkpoint (any ZeRO stage), in fp32."""
     import torch
 
     chosen = "DS_ACCELERATOR" in os.environ
@@ -365,8 +384,35 @@ def adapter_state(checkpoint_dir: str, zero_stage: int) -> dict[str, Any]:
                                weights_only=False)["module"]
         else:
             state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG,
-                                                             exclude_frozen_parameters=True)
-    return {k: v.float() for k, v in state.items() if "lora_" in k}
+                                                             exclude_frozen_parameters=exclude_frozen)
+    return {k: v.float() for k, v in state.items()}
+
+
+def export_full(checkpoint_dir: str, base_dir: str, model_dir: str, config: FinetuneConfig) -> None:
+    """A fully fine-tuned model (every weight trained) from the last checkpoint, as a Hugging Face folder."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    state = checkpoint_state(checkpoint_dir, config.engine.zero_stage, exclude_frozen=False)
+    with local_copy(base_dir) as local_base:
+        model, tokenizer = load_base(local_base)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {checkpoint_dir}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        model.tie_weights()
+        _put_folder(model_dir, model, tokenizer)
+
+
+def _put_folder(target: str, model: Any, tokenizer: Any) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        fs, path = filesystem(target)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(out + "/", path, recursive=True)
 
 
 def export_adapter(checkpoint_dir: str, base_dir: str, adapter_dir: str, merged_dir: str | None,
@@ -377,7 +423,8 @@ def export_adapter(checkpoint_dir: str, base_dir: str, adapter_dir: str, merged_
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    state = adapter_state(checkpoint_dir, config.engine.zero_stage)
+    state = {k: v for k, v in checkpoint_state(checkpoint_dir, config.engine.zero_stage, True).items()
+             if "lora_" in k}
     with local_copy(base_dir) as local_base:
         base, tokenizer = load_base(local_base)
         model = get_peft_model(base, lora_config(config.lora, base.config.model_type))
@@ -386,18 +433,6 @@ def export_adapter(checkpoint_dir: str, base_dir: str, adapter_dir: str, merged_
             raise RuntimeError(f"checkpoint {checkpoint_dir}: LoRA weights {sorted(set(state) ^ expected)[:4]} "
                                "missing or unexpected")
         model.load_state_dict(state, strict=False)
-        targets = [(adapter_dir, model)]
+        _put_folder(adapter_dir, model, tokenizer)  # peft saves the adapter only
         if merged_dir:
-            targets.append((merged_dir, None))
-        for target, peft_model in targets:
-            with tempfile.TemporaryDirectory() as out:
-                if peft_model is not None:
-                    peft_model.save_pretrained(out)
-                else:
-                    model.merge_and_unload().save_pretrained(out, safe_serialization=True)
-                tokenizer.save_pretrained(out)
-                fs, path = filesystem(target)
-                if fs.exists(path):
-                    fs.rm(path, recursive=True)
-                fs.makedirs(path, exist_ok=True)
-                fs.put(out + "/", path, recursive=True)
+            _put_folder(merged_dir, model.merge_and_unload(), tokenizer)
