@@ -59,7 +59,8 @@ class EngineConfig(ConfigModel):
     max_steps: int = Field(200, gt=0, description="Optimizer steps in the whole run.")
     seed: int = Field(1234, description="Seed of the model init, data order and shuffling.")
     log_every: int = Field(1, gt=0, description="Log metrics to MLflow every this many steps.")
-    eval_batches: int = Field(16, ge=0, description="Held-out micro-batches (over all workers) for the final perplexity.")
+    eval_batches: int = Field(16, ge=0, description=(
+        "Held-out micro-batches (over all workers) for the final perplexity."))
     checkpoint_every: int = Field(50, gt=0, description="Save a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept in storage.")
     max_failures: int = Field(2, ge=-1, description="Worker failures to recover from (-1: no limit).")
@@ -87,5 +88,6 @@ class PretrainConfig(ConfigModel):
     quiet: bool = Field(False, description="No progress output.")
 
     # Options that may differ when a stopped run is resumed (everything else comes from the run).
-    resumable: ClassVar[set[tuple[str, ...]]] = {("engine", "max_failures"), ("engine", "stop_after"), ("engine", "checkpoint_every"),
-                 ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}
+    resumable: ClassVar[set[tuple[str, ...]]] = {
+        ("engine", "max_failures"), ("engine", "stop_after"), ("engine", "checkpoint_every"),
+        ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}

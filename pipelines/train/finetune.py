@@ -74,7 +74,8 @@ class FinetuneRegistry(ConfigModel):
 
 
 class FinetuneConfig(ConfigModel):
-    base: str | None = Field(None, description="Base model: models:/NAME@ALIAS, models:/NAME/VERSION or a local folder.")
+    base: str | None = Field(None, description=(
+        "Base model: models:/NAME@ALIAS, models:/NAME/VERSION or a local folder."))
     lora: LoraSettings = LoraSettings()
     examples: ExamplesConfig = ExamplesConfig()
     optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +196,8 @@ def _prepare_tokenizer(config: PretrainConfig, shards: Any, run_dir: str, consol
             tok.save_pretrained(tmp)
         else:
             started = time.perf_counter()
-            texts = (text for _, (_, text) in zip(range(config.tokenizer.tokenizer_samples),
-                                                  iter_texts(shards, config.data.heldout_percent, "train")))
+            texts = (text for _, text in islice(iter_texts(shards, config.data.heldout_percent, "train"),
+                                                config.tokenizer.tokenizer_samples))
             train_tokenizer(texts, config.tokenizer.vocab_size, tmp)
             console.print(f"tokenizer: byte-level BPE, {config.tokenizer.vocab_size} tokens, trained in "
                           f"{time.perf_counter() - started:.1f}s")
@@ -271,9 +272,8 @@ def train_loop(args: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from ray.train import Checkpoint
 
-    from pipelines.train.data import TokenStream, heldout_batches, make_loader, open_shards
+    from pipelines.train.data import TokenStream, make_loader, open_shards
     from pipelines.train.model import build_model, flops_per_token, model_config, peak_flops
     from pipelines.train.tokenizer import load_tokenizer
 

@@ -145,7 +145,8 @@ def test_lora_learns_the_format_only_lora_changes_and_merge_matches(
     linears = {n: m for n, m in base_model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1]
                in config.lora.target_modules}
     assert len(adapter) == 2 * len(linears) == 2 * 7 * 2
-    assert sum(t.numel() for t in adapter.values()) == sum(8 * (m.in_features + m.out_features) for m in linears.values())
+    assert sum(t.numel() for t in adapter.values()) == sum(8 * (m.in_features + m.out_features)
+                                                          for m in linears.values())
     assert all(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # lora_B starts at zero: it trained
     base_state = base_model.state_dict()
     for name, tensor in tuned.state_dict().items():

@@ -96,7 +96,7 @@ def test_two_workers_zero2_learn_register_and_generate(tmp_path: Path, shards: s
 
     # The export loads with plain transformers; the registered version with our loader.
     model = AutoModelForCausalLM.from_pretrained(result.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(result.model_dir)
+    assert AutoTokenizer.from_pretrained(result.model_dir).eos_token == "<|endoftext|>"
     assert sorted(p.name for p in Path(result.model_dir).iterdir() if p.suffix == ".safetensors")
     version = result.registered
     assert version.champion and version.version == 1
