@@ -46,7 +46,7 @@ def build_model(config: LlamaConfig, seed: int, activation_checkpointing: bool =
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
