@@ -48,6 +48,18 @@ def leaf_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterato
             yield prefix + (name,), field
 
 
+def default_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
+    """The default of the field at `path`, as the top-level model sets it: a nested section's default
+    instance may override its class's defaults (fine-tuning's engine section does)."""
+    field = model.model_fields[path[0]]
+    if len(path) == 1:
+        return field.default
+    node = field.get_default(call_default_factory=True)
+    for key in path[1:]:
+        node = getattr(node, key)
+    return node
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
@@ -78,9 +90,21 @@ def load_config(model: type[ConfigModel], path: str | Path | None = None,
             node = node.setdefault(key, {})
         node[key_path[-1]] = value
     try:
-        return model.model_validate(data)
+        return model.model_validate(_with_section_defaults(model, data))
     except ValidationError as exc:
         raise PipelineError(_format_validation_error(exc, source)) from exc
+
+
+def _with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each partly given section completed by that section's default instance, not its
+    class: `--workers 2` must not reset the other engine settings a config class chose for itself."""
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        default = field.default
+        if isinstance(out.get(name), dict) and isinstance(default, BaseModel):
+            chosen = default.model_dump(exclude_unset=True)
+            out[name] = _with_section_defaults(type(default), {**chosen, **out[name]})
+    return out
 
 
 def _cli_type(annotation: Any) -> tuple[Any, str]:
@@ -117,7 +141,7 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Calla
             raise TypeError(f"option --{flag} is ambiguous: {seen[flag]} and {path}")
         seen[flag] = path
         cli_type, hint = _cli_type(field.annotation)
-        default_shown = "" if field.is_required() else escape(f" [default: {field.default!r}]")
+        default_shown = "" if field.is_required() else escape(f" [default: {default_at(model, path)!r}]")
         help_text = " ".join(filter(None, [field.description, hint])) + default_shown
         decls = [f"--{flag}/--no-{flag}"] if cli_type is bool else [f"--{flag}"]
         params.append(inspect.Parameter(

@@ -52,7 +52,8 @@ class LoraSettings(ConfigModel):
         "lora: train LoRA matrices on the frozen base; full: train every weight (registered as a full model)."))
     rank: int = Field(8, gt=0, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "Dropout on the LoRA input (it keeps a copy of each adapted layer's input for the backward pass)."))
     target_modules: list[str] | None = Field(None, description=(
         "Module names to adapt (default: the attention projections of the base's architecture)."))
     merge: bool = Field(False, description="Also export and register the base with the adapter merged in.")
@@ -125,7 +126,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         raise PipelineError("no examples: give --data (a jsonl of prompt/response or messages rows, or shards)")
 
     registry.configure_tracking()
-    base_uri, base_dir = (saved["base"], saved["base_dir"]) if saved else _resolve_base(config.base, run_dir)
+    base_uri, base_dir = (saved["base"], saved["base_dir"]) if saved else _resolve_base(config.base, storage)
     shards = prepare_examples(absolute(config.examples.data), storage)
     if saved and saved["shards_digest"] != shards.digest:
         raise PipelineError(f"run {run_name} was trained on examples with digest {saved['shards_digest'][:12]}; "
@@ -144,7 +145,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         write_json(fs, f"{run_dir}/{RUN_FILE}", {
             "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest, "base": base_uri,
             "base_dir": base_dir, "workers": config.engine.workers})
-        console.print(f"[bold]finetune[/bold] {run_name}: LoRA r={config.lora.rank} on {base_uri}, "
+        method = f"LoRA r={config.lora.rank}" if config.lora.method == "lora" else "full fine-tuning"
+        console.print(f"[bold]finetune[/bold] {run_name}: {method} on {base_uri}, "
                       f"{config.engine.workers} worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), "
                       f"ZeRO-{config.engine.zero_stage}, {config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
         result = fit(finetune_loop, {"config": params, "base_dir": base_dir, "shards": shards.url, "threads": cpus,
@@ -190,21 +192,28 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         return out
 
 
-def _resolve_base(base: str, run_dir: str) -> tuple[str, str]:
-    """(the pinned base, the folder workers load it from): a registered version is copied into the run."""
+def _resolve_base(base: str, storage: str) -> tuple[str, str]:
+    """(the pinned base, the folder workers load it from): a registered version is copied once into
+    `{storage}/bases/NAME/VERSION`, where later runs on the same version find it."""
     from pipelines.train import registry
 
     if base.startswith("models:/"):
         name, version = registry.resolve_version(base)
         pinned = f"models:/{name}/{version}"
+        target = f"{storage}/bases/{name}/{version}"
+        fs, path = filesystem(target)
+        if fs.exists(f"{path}/config.json"):
+            return pinned, target
         model, tokenizer = registry.load_registered(pinned)
-        target = f"{run_dir}/base"
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            fs, path = filesystem(target)
-            fs.makedirs(path, exist_ok=True)
-            fs.put(tmp + "/", path, recursive=True)
+            staged = f"{path}.tmp-{os.getpid()}"  # config.json last: a half-copied base is never found
+            fs.makedirs(staged, exist_ok=True)
+            fs.put(tmp + "/", staged, recursive=True)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            fs.mv(staged, path, recursive=True)
         return pinned, target
     folder = absolute(base)
     if "://" not in folder and not Path(folder, "config.json").is_file():
@@ -282,6 +291,8 @@ def finetune_loop(args: dict[str, Any]) -> None:
             before = evaluate_examples(engine, config, shards, base_dir, rank, world, device)
 
         metrics_log = MetricsLog(args) if rank == 0 else None
+        if metrics_log:
+            metrics_log.add(step, {"peak_rss_before_training_mb": peak_rss_mb()})
         if metrics_log and checkpoint:
             metrics_log.add(step, {"restored_from_step": step})
             metrics_log.flush()

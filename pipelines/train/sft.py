@@ -105,7 +105,9 @@ def heldout_examples(shards: ShardSet, tokenizer_dir: str, *, seq_len: int, max_
                      heldout_percent: float) -> list[np.ndarray]:
     """The held-out examples' `[2, seq_len]` rows, in order, at most `max_examples`; the same on every call."""
     tokenizer = load_tokenizer(tokenizer_dir)
-    rows = []
+    rows: list[np.ndarray] = []
+    if max_examples <= 0:
+        return rows
     for _, meta in iter_texts(shards, heldout_percent, "heldout", member="json"):
         row = encode_example(tokenizer, json.loads(meta)["messages"], seq_len)
         if row is not None:
