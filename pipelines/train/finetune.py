@@ -32,7 +32,8 @@ from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.train.config import EngineConfig, OptimConfig
 from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, deepspeed_config, fit, local_copy,
-                                      lr_lambda, resolve_run, resources, save_checkpoint, storage_root, write_json)
+                                      lr_lambda, resolve_run, resources, save_checkpoint, storage_root, write_json,
+                                      zero_label)
 
 # LoRA targets by model type when the config names none: the attention projections (the LoRA
 # paper's choice), which peft's own defaults also pick for these architectures.
@@ -148,7 +149,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         method = f"LoRA r={config.lora.rank}" if config.lora.method == "lora" else "full fine-tuning"
         console.print(f"[bold]finetune[/bold] {run_name}: {method} on {base_uri}, "
                       f"{config.engine.workers} worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), "
-                      f"ZeRO-{config.engine.zero_stage}, {config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
+                      f"{zero_label(config.engine)}, {config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
         result = fit(finetune_loop, {"config": params, "base_dir": base_dir, "shards": shards.url, "threads": cpus,
                                      "mlflow_run_id": mlflow_run_id, "tracking_uri": settings().mlflow_tracking_uri},
                      config.engine, run_name, storage, use_gpu, cpus)
@@ -273,7 +274,7 @@ def finetune_loop(args: dict[str, Any]) -> None:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps,
                                                                           o.min_lr_ratio))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=deepspeed_config(config, bf16), dist_init_required=False)
+                                               config=deepspeed_config(config, bf16, world), dist_init_required=False)
         shards = open_shards(args["shards"])
         stream = ExampleStream(shards, base_dir, seq_len=config.examples.seq_len, micro_batch=e.micro_batch,
                                rank=rank, world_size=world, seed=e.seed, shuffle_buffer=config.examples.shuffle_buffer,
@@ -379,7 +380,7 @@ def evaluate_examples(engine: Any, config: FinetuneConfig, shards: Any, tokenize
 
 # -- export ---------------------------------------------------------------------------------------
 
-def checkpoint_state(checkpoint_dir: str, zero_stage: int, exclude_frozen: bool) -> dict[str, Any]:
+def checkpoint_state(checkpoint_dir: str, exclude_frozen: bool) -> dict[str, Any]:
     """The weights of a DeepSpeed checkpoint (any ZeRO stage), in fp32."""
     import torch
 
@@ -391,7 +392,7 @@ def checkpoint_state(checkpoint_dir: str, zero_stage: int, exclude_frozen: bool)
         if not chosen:
             os.environ.pop("DS_ACCELERATOR", None)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        if zero_stage == 0:
+        if not any(Path(checkpoint_dir, DS_TAG).glob("zero_pp_rank_*")):  # saved without ZeRO
             state = torch.load(Path(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
                                weights_only=False)["module"]
         else:
@@ -405,7 +406,7 @@ def export_full(checkpoint_dir: str, base_dir: str, model_dir: str, config: Fine
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    state = checkpoint_state(checkpoint_dir, config.engine.zero_stage, exclude_frozen=False)
+    state = checkpoint_state(checkpoint_dir, exclude_frozen=False)
     with local_copy(base_dir) as local_base:
         model, tokenizer = load_base(local_base)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -435,7 +436,7 @@ def export_adapter(checkpoint_dir: str, base_dir: str, adapter_dir: str, merged_
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    state = {k: v for k, v in checkpoint_state(checkpoint_dir, config.engine.zero_stage, True).items()
+    state = {k: v for k, v in checkpoint_state(checkpoint_dir, exclude_frozen=True).items()
              if "lora_" in k}
     with local_copy(base_dir) as local_base:
         base, tokenizer = load_base(local_base)

@@ -93,7 +93,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
             "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
         console.print(f"[bold]pretrain[/bold] {run_name}: {config.model.preset} model, {config.engine.workers} "
-                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), ZeRO-{config.engine.zero_stage}, "
+                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
                       f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
         result = fit(train_loop, {"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir,
                                   "shards": shards.url, "threads": cpus, "mlflow_run_id": mlflow_run_id,
@@ -252,13 +252,19 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def deepspeed_config(config: PretrainConfig, bf16: bool) -> dict[str, Any]:
+def zero_label(e: Any) -> str:
+    return f"ZeRO-{e.zero_stage}" if e.workers > 1 or e.zero_stage == 0 else f"ZeRO-0 (ZeRO-{e.zero_stage} needs 2+ workers)"
+
+
+def deepspeed_config(config: Any, bf16: bool, world: int) -> dict[str, Any]:
     e = config.engine
     return {
         "train_micro_batch_size_per_gpu": e.micro_batch,
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": e.zero_stage},
+        # With one rank ZeRO has nothing to partition, and its flat gradient buffers cost 2-4% per
+        # step on a CPU (measured: benchmarks/train_overhead.py); stage 0 computes the same thing.
+        "zero_optimization": {"stage": e.zero_stage if world > 1 else 0},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
@@ -298,7 +304,7 @@ def train_loop(args: dict[str, Any]) -> None:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps,
                                                                           o.min_lr_ratio))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=deepspeed_config(config, bf16), dist_init_required=False)
+                                               config=deepspeed_config(config, bf16, world), dist_init_required=False)
 
         shards = open_shards(args["shards"])
         stream = TokenStream(shards, tokenizer_dir, seq_len=config.data.seq_len, micro_batch=e.micro_batch,
@@ -472,7 +478,7 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
         mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
                                tokenizer.eos_token_id)
         mconfig.use_cache = True
-        if config.engine.zero_stage == 0:
+        if not any(Path(checkpoint_dir, DS_TAG).glob("zero_pp_rank_*")):  # saved without ZeRO
             state = torch.load(Path(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
                                weights_only=False)["module"]
         else:
