@@ -41,6 +41,7 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowClient]
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        registry.configure_tracking()  # also mlflow's process-wide URI, which an earlier module may have set
         yield MlflowClient(uri)
 
 
