@@ -10,14 +10,14 @@
 - `serve_model(config)` is the stage's entry (`pipelines serve`): Serve on the local Ray of
   `pipelines.runtime.init_ray()`, or on the cluster at `RAY_ADDRESS`.
 
-Request path (measured by benchmarks/serve_latency.py): Serve's HTTP proxy is a separate actor, so
-a request through it parses HTTP there, then crosses to the replica as an actor call carrying the
-ASGI messages and back: ~6 ms p50 over plain FastAPI on a 2-core machine (~3 ms of it the actor call
-alone), ~4 ms with gRPC between proxy and replica. With one replica, `serve_model` turns on Serve's
-direct ingress instead: the replica runs the HTTP server itself on `port` and the request path is
-the FastAPI app alone; it also runs our code on the replica's own event loop (`ray_serve_env`). With
-several replicas (or autoscaling) the proxy balances them (`ingress: proxy`), or, with direct ingress
-forced, each replica listens on port+i behind a load balancer of your own.
+Request path (measured by benchmarks/serve_latency.py, 2-core machine): Serve's HTTP proxy is a
+separate actor, so a request through it parses HTTP there, then crosses to the replica as an actor
+call carrying the ASGI messages and back: +5.8 ms p50 over plain FastAPI for a JSON echo, 2.6 ms of it
+the actor call alone (a DeploymentHandle call, no HTTP). With one replica, `serve_model` turns on
+Serve's direct ingress instead: the replica runs the HTTP server itself on `port` and the request path
+is the FastAPI app alone (+0.1 to +0.3 ms). With several replicas (or autoscaling) the proxy balances
+them (`ingress: proxy`), or, with direct ingress forced, each replica listens on port+i behind a load
+balancer of your own.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
+import socket
 import tempfile
 import threading
 import time
@@ -129,9 +131,11 @@ class OpenAIServer:
         loaded = await self._adapter(f"{adapter}/{self.adapter_versions[adapter]}@{engine.load_id}")
         return engine, loaded.name
 
-    async def generate(self, rows: Sequence[Generation]) -> None:
-        engine = self.engine
-        await asyncio.gather(*(self._generate_batch((engine, row)) for row in rows))
+    async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None:
+        if len(rows) == 1:  # the common case, without a task per row
+            await self._generate_batch((engine, rows[0]))
+        else:
+            await asyncio.gather(*(self._generate_batch((engine, row)) for row in rows))
 
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor:
         return torch.stack(await asyncio.gather(*(self._embed_batch((engine, ids, adapter)) for ids in inputs)))
@@ -278,18 +282,23 @@ def build_app(args: dict[str, Any]) -> Application:
     return OpenAIServer.options(**deployment_options(config)).bind(config.model_dump(mode="json"), configure_tracking())
 
 
+# Measured in benchmarks/serve_latency.py: the deployment's code runs on the replica's own event loop
+# rather than on a second one in another thread (ours never blocks it: model calls go to a worker
+# thread), and Ray's workers run at normal priority: Ray starts them at niceness 15 (to keep its own
+# daemons responsive), which makes a replica, the serving work itself, lose the CPU to any other
+# process on the machine. (gRPC between proxy and replica, RAY_SERVE_USE_GRPC_BY_DEFAULT, gained
+# nothing consistent there.) An environment that sets these already keeps its values.
+TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
+
+
 def ray_serve_env(config: ServeConfig) -> dict[str, str]:
     """Serve's settings for `config`, read by Ray's processes when they start (so: set before Ray starts).
 
-    Always (both measured in benchmarks/serve_latency.py): the deployment's code runs on the replica's
-    own event loop rather than a second one in another thread (ours never blocks it: model calls go
-    to a worker thread), and the proxy calls replicas over gRPC rather than Ray actor calls. With
-    direct ingress: replica i answers HTTP on port+i.
+    `TUNING` always; with direct ingress, replica i answers HTTP on port+i.
     """
-    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
     if not config.direct_ingress:
-        return env
-    return env | {
+        return dict(TUNING)
+    return TUNING | {
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.port),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.port + config.most_replicas),
@@ -321,6 +330,8 @@ def emit_config(config: ServeConfig, path: str | Path) -> Path:
     }
     header = ["# Ray Serve config written by `pipelines serve --emit-config`.",
               "# Run: serve run FILE  |  serve deploy FILE  |  a KubeRay RayService's spec.serveConfigV2."]
+    if config.host in ("127.0.0.1", "localhost", "::1"):
+        header.append(f"# host {config.host} takes local connections only: --host 0.0.0.0 for a cluster.")
     header.append("# Set these in the Ray cluster's environment (every node) before it starts:")
     header += [f"#   {k}={v}" for k, v in ray_serve_env(config).items()]
     out = Path(path)
@@ -346,11 +357,16 @@ def serve_model(config: ServeConfig) -> str | None:
     direct = config.direct_ingress
     if not ray.is_initialized() and not settings().ray_address:
         for key, value in ray_serve_env(config).items():  # the local Ray's processes inherit them
-            os.environ.setdefault(key, value)
-    if direct and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
-        log.warning("direct ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray starts; serving through the proxy")
+            os.environ[key] = os.environ.get(key, value) if key in TUNING else value
+    if direct and not settings().ray_address and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        # This process's Ray started before without it (a cluster's environment is its own to set).
+        log.warning("direct ingress needs RAY_SERVE_ENABLE_DIRECT_INGRESS=1 where Ray starts; "
+                    "serving through the proxy")
         config = config.model_copy(update={"ingress": "proxy"})
         direct = False
+    if direct:
+        for port in range(config.port, config.port + config.most_replicas):
+            _check_port_free(config.host, port)
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.serve_proxy_port})
     try:
@@ -363,12 +379,30 @@ def serve_model(config: ServeConfig) -> str | None:
     print(f"serving {config.model} at {url}/v1 ({where})", flush=True)
     if not config.blocking:
         return url
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, a container stopping) stops it as cleanly as Ctrl-C; a shell starts a background
+    # job with SIGINT ignored.
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(APP_NAME)
     return url
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail early, in one line: a replica cannot bind a port in use (or one just closed, in TIME_WAIT:
+    Serve's direct ingress binds without SO_REUSEADDR), and Serve would only say the deployment failed."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PipelineError(f"cannot serve on {host}:{port}: {e.strerror} (a server that just stopped "
+                                "there leaves it busy for a minute)") from None
 
 
 def _wait_until_up(url: str, timeout_s: float = 120.0) -> None:

@@ -187,7 +187,8 @@ class TextEngine:
         input_ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
         attention_mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
         config = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_tokens for r in rows),
-                                  pad_token_id=self.pad, eos_token_id=self.eos, bos_token_id=self.tokenizer.bos_token_id)
+                                  pad_token_id=self.pad, eos_token_id=self.eos,
+                                  bos_token_id=self.tokenizer.bos_token_id)
         model, extra = self._model_for([r.adapter for r in rows])
         model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                        logits_processor=LogitsProcessorList([RowSampler(rows)]),
@@ -201,7 +202,8 @@ class TextEngine:
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in inputs])
         with self._lock, torch.inference_mode():
             model, extra = self._model_for([adapter] * len(inputs))
-            hidden = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra).hidden_states[-1]
+            out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **extra)
+            hidden = out.hidden_states[-1]
             summed = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
             return torch.nn.functional.normalize(summed.float(), dim=-1)
 
@@ -217,7 +219,8 @@ class TextEngine:
                 return
             try:
                 if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False)
+                    self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name,
+                                                          is_trainable=False)
                     self.peft.eval()
                 else:
                     self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)

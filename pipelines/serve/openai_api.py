@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -168,7 +168,7 @@ class ModelServer(Protocol):
 
     def model_ids(self) -> list[str]: ...
     async def resolve(self, model: str) -> tuple[TextEngine, str | None]: ...
-    async def generate(self, rows: Sequence[Generation]) -> None: ...
+    async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None: ...
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor: ...
     async def reload(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
@@ -182,8 +182,8 @@ class AccessControl:
         self.rate_limit = rate_limit
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
 
-    def check(self, request: Request) -> None:
-        """Raise 401 without a valid key, 429 over the limit."""
+    async def check(self, request: Request) -> None:
+        """Raise 401 without a valid key, 429 over the limit (async: FastAPI runs a sync one in a thread)."""
         who = request.client.host if request.client else "unknown"
         if self.keys:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -223,15 +223,16 @@ def build_api(server: ModelServer) -> FastAPI:
     async def healthz() -> JSONResponse:
         return JSONResponse(server.health())
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        server.access.check(request)
+    # Keys and the rate limit are checked before the body is read: a caller without a key learns nothing.
+    guarded = [Depends(server.access.check)]
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pipelines"} for m in server.model_ids()]})
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        server.access.check(request)
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(body: CompletionRequest) -> Response:
         engine, adapter = await server.resolve(body.model)
         prompts = _prompt_ids(body.prompt, engine)
         rows = [_row(server.config, engine, ids, body, body.max_tokens, adapter, "prompt")
@@ -240,15 +241,14 @@ def build_api(server: ModelServer) -> FastAPI:
         if body.stream:
             _single_choice(rows)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_completion_chunks(server, rows[0], meta, include_usage))
-        await server.generate(rows)
+            return _sse(_completion_chunks(server, engine, rows[0], meta, include_usage))
+        await server.generate(engine, rows)
         choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
                    for i, r in enumerate(rows)]
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": _usage(rows)})
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request) -> Response:
-        server.access.check(request)
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat(body: ChatRequest) -> Response:
         engine, adapter = await server.resolve(body.model)
         ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -257,26 +257,26 @@ def build_api(server: ModelServer) -> FastAPI:
         if body.stream:
             _single_choice(rows)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(server, rows[0], meta, include_usage))
-        await server.generate(rows)
+            return _sse(_chat_chunks(server, engine, rows[0], meta, include_usage))
+        await server.generate(engine, rows)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
                     "logprobs": None} for i, r in enumerate(rows)]
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(rows)})
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
-        server.access.check(request)
+    @app.post("/v1/embeddings", dependencies=guarded)
+    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
         inputs = _prompt_ids(body.input, engine)
         for i, ids in enumerate(inputs):
             if len(ids) > engine.context_length:
                 raise APIError(400, f"input {i} has {len(ids)} tokens; the model's context is "
                                f"{engine.context_length}", param="input", code="context_length_exceeded")
+        width = engine.model.config.hidden_size
+        if body.dimensions is not None and body.dimensions > width:
+            raise APIError(400, f"dimensions {body.dimensions} > the model's {width}", param="dimensions",
+                           code="invalid_value")
         vectors = (await server.embed(engine, inputs, adapter)).numpy()
         if body.dimensions is not None:
-            if body.dimensions > vectors.shape[1]:
-                raise APIError(400, f"dimensions {body.dimensions} > the model's {vectors.shape[1]}",
-                               param="dimensions", code="invalid_value")
             vectors = vectors[:, :body.dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
@@ -285,9 +285,8 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @app.post("/admin/reload")
-    async def reload(request: Request) -> JSONResponse:
-        server.access.check(request)
+    @app.post("/admin/reload", dependencies=guarded)
+    async def reload() -> JSONResponse:
         return JSONResponse(await server.reload())
 
     return app
@@ -375,12 +374,12 @@ def _event(event: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _pieces(server: ModelServer, row: Generation) -> AsyncIterator[str]:
+async def _pieces(server: ModelServer, engine: TextEngine, row: Generation) -> AsyncIterator[str]:
     """The row's text as it is generated (the generation runs in the server's batches)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     row.sink = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
-    task = asyncio.ensure_future(server.generate([row]))
+    task = asyncio.ensure_future(server.generate(engine, [row]))
     task.add_done_callback(lambda _: queue.put_nowait(None))  # ends the loop below if it failed early
     try:
         while (piece := await queue.get()) is not None:
@@ -390,21 +389,21 @@ async def _pieces(server: ModelServer, row: Generation) -> AsyncIterator[str]:
         row.cancelled = True  # a client that went away stops the row at its next token
 
 
-async def _completion_chunks(server: ModelServer, row: Generation, meta: dict[str, Any],
+async def _completion_chunks(server: ModelServer, engine: TextEngine, row: Generation, meta: dict[str, Any],
                              include_usage: bool) -> AsyncIterator[dict[str, Any]]:
     head = {**meta, "object": "text_completion"}
-    async for piece in _pieces(server, row):
+    async for piece in _pieces(server, engine, row):
         yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": row.finish_reason, "logprobs": None}]}
     if include_usage:
         yield {**head, "choices": [], "usage": _usage([row])}
 
 
-async def _chat_chunks(server: ModelServer, row: Generation, meta: dict[str, Any],
+async def _chat_chunks(server: ModelServer, engine: TextEngine, row: Generation, meta: dict[str, Any],
                        include_usage: bool) -> AsyncIterator[dict[str, Any]]:
     head = {**meta, "object": "chat.completion.chunk"}
     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for piece in _pieces(server, row):
+    async for piece in _pieces(server, engine, row):
         yield {**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
     yield {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": row.finish_reason}]}
     if include_usage:

@@ -1,0 +1,110 @@
+"""Fixtures of the serving tests: tiny registered models and a running server on loopback.
+
+The models are 2-layer Llamas built from a config with a byte-level BPE trained here; MLflow is a
+SQLite file in a temporary folder. Nothing comes from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.serve.app import ray_serve_env
+from pipelines.serve.config import ServeConfig
+from tests.serve.tiny import tiny_model, tiny_tokenizer
+
+
+def _free_port_pair() -> int:
+    """A port P with P and P+1 free (the replica's direct-ingress port and Serve's proxy)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
+PORT = _free_port_pair()
+# Serve reads its settings when Ray's processes start: set them before any test of the session starts
+# Ray (collection imports this file first). Ray's worker priority is left alone: other modules share it.
+os.environ.update({k: v for k, v in ray_serve_env(ServeConfig(model="models:/lm@champion", port=PORT)).items()
+                   if k != "RAY_worker_niceness"})
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Two Hugging Face folders of the same architecture and tokenizer, different weights (seed 0, 1)."""
+    tokenizer = tiny_tokenizer()
+    folders = {}
+    for seed in (0, 1):
+        folder = tmp_path_factory.mktemp("hf") / f"model-{seed}"
+        tiny_model(tokenizer, seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[seed] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowClient]:
+    """A fresh MLflow on a SQLite file for the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINES_HOME", str(root / "home"))
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def register(folder: Path, name: str, value: float) -> int:
+    """Register `folder` as a new version of `name` (champion when `value` is the lowest so far)."""
+    from pipelines.train.registry import register_model, training_run
+
+    with training_run("serve-tests", None, {}) as run_id:
+        pass
+    return register_model(str(folder), name, run_id=run_id, metric="heldout_perplexity", value=value).version
+
+
+@dataclass
+class Server:
+    url: str  # direct ingress: the replica itself
+    proxy_url: str  # Serve's proxy in front of the same replica
+    keys: list[str]
+    config: ServeConfig
+    _next_key: int = 0
+
+    def key(self) -> str:
+        """A key no other test used: the rate limit counts per key."""
+        self._next_key += 1
+        return self.keys[self._next_key]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path]) -> Iterator[Server]:
+    """`pipelines serve` of models:/lm@champion (v1, seed 0) on 127.0.0.1:PORT, with keys and a rate limit."""
+    from ray import serve
+
+    from pipelines.serve.app import serve_model
+
+    assert register(hf_folders[0], "lm", 10.0) == 1
+    keys = [f"sk-test-{i}" for i in range(40)]
+    config = ServeConfig(model="models:/lm@champion",
+                         adapter=["models:/lm-lora@champion", "models:/other-lora@champion"],
+                         port=PORT, watch_interval_s=1.0, default_max_tokens=16, max_tokens_limit=48,
+                         access={"api_keys": keys, "rate_limit": 60}, blocking=False)
+    url = serve_model(config)
+    assert url == f"http://127.0.0.1:{PORT}"
+    yield Server(url=url, proxy_url=f"http://127.0.0.1:{config.serve_proxy_port}", keys=keys, config=config)
+    serve.shutdown()
