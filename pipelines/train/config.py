@@ -74,13 +74,9 @@ class RegistryConfig(ConfigModel):
     register_model: bool = Field(True, description="Register the exported model (alias candidate; champion if better).")
 
 
-class PretrainConfig(ConfigModel):
-    model: ModelConfig = ModelConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    engine: EngineConfig = EngineConfig()
-    registry: RegistryConfig = RegistryConfig()
+class TrainRunConfig(ConfigModel):
+    """What every training job (pretrain, finetune) has: where its run lives, and how to continue one."""
+
     storage: str | None = Field(None, description=(
         "Where runs keep checkpoints and exports: folder or fsspec URL (default $PIPELINES_HOME/train)."))
     run_name: str | None = Field(None, description="Name of the run in storage (default: generated).")
@@ -91,3 +87,12 @@ class PretrainConfig(ConfigModel):
     resumable: ClassVar[set[tuple[str, ...]]] = {
         ("engine", "max_failures"), ("engine", "stop_after"), ("engine", "checkpoint_every"),
         ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}
+
+
+class PretrainConfig(TrainRunConfig):
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    engine: EngineConfig = EngineConfig()
+    registry: RegistryConfig = RegistryConfig()

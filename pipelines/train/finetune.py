@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -30,7 +30,7 @@ from rich.console import Console
 from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
-from pipelines.train.config import EngineConfig, OptimConfig
+from pipelines.train.config import EngineConfig, OptimConfig, TrainRunConfig
 from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, deepspeed_config, fit, local_copy,
                                       lr_lambda, resolve_run, resources, save_checkpoint, storage_root, write_json,
                                       zero_label)
@@ -75,7 +75,7 @@ class FinetuneRegistry(ConfigModel):
     register_model: bool = Field(True, description="Register the adapter (alias candidate; champion if better).")
 
 
-class FinetuneConfig(ConfigModel):
+class FinetuneConfig(TrainRunConfig):
     base: str | None = Field(None, description=(
         "Base model: models:/NAME@ALIAS, models:/NAME/VERSION or a local folder."))
     lora: LoraSettings = LoraSettings()
@@ -83,15 +83,6 @@ class FinetuneConfig(ConfigModel):
     optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
     engine: EngineConfig = EngineConfig(max_steps=100, checkpoint_every=25, zero_stage=0, eval_batches=8)
     registry: FinetuneRegistry = FinetuneRegistry()
-    storage: str | None = Field(None, description=(
-        "Where runs keep checkpoints and exports: folder or fsspec URL (default $PIPELINES_HOME/train)."))
-    run_name: str | None = Field(None, description="Name of the run in storage (default: generated).")
-    resume: str | None = Field(None, description="Continue the stopped run of this name from its last checkpoint.")
-    quiet: bool = Field(False, description="No progress output.")
-
-    resumable: ClassVar[set[tuple[str, ...]]] = {
-        ("engine", "max_failures"), ("engine", "stop_after"), ("engine", "checkpoint_every"), ("engine", "log_every"),
-        ("registry", "register_model"), ("quiet",)}
 
 
 @dataclass

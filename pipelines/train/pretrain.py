@@ -253,7 +253,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 def zero_label(e: Any) -> str:
-    return f"ZeRO-{e.zero_stage}" if e.workers > 1 or e.zero_stage == 0 else f"ZeRO-0 (ZeRO-{e.zero_stage} needs 2+ workers)"
+    if e.workers > 1 or e.zero_stage == 0:
+        return f"ZeRO-{e.zero_stage}"
+    return f"ZeRO-0 (ZeRO-{e.zero_stage} needs 2+ workers)"
 
 
 def deepspeed_config(config: Any, bf16: bool, world: int) -> dict[str, Any]:
