@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench-crawl clean
+.PHONY: venv chromium test test-fast demo ui bench-crawl clean
 
 venv: $(STAMP)
 
@@ -15,15 +15,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: venv
+# The deployment tests render the Prefect UI in a headless browser: Debian's chromium, installed once.
+chromium:
+	@command -v chromium >/dev/null || (echo "installing chromium (apt-get)" && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null)
+
+test: venv chromium
 	$(BIN)/python -m pytest -q -ra
 
 # Everything but the slow end-to-end tests.
-test-fast: venv
+test-fast: venv chromium
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 demo: venv
 	$(BIN)/python -m pipelines.demo
+
+# The Prefect UI (flow runs, deployments, schedules) and the MLflow UI, and a runner serving the deployments.
+ui: venv
+	$(BIN)/pipelines ui
 
 bench-crawl: venv
 	$(BIN)/python benchmarks/crawl_images.py --n 3000 --runs 3

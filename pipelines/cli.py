@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import typer
+from rich.console import Console
 
 from pipelines import __version__
 from pipelines.config import config_command
 from pipelines.curate.run import CurateConfig, curate
+from pipelines.errors import PipelineError
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
 from pipelines.serve.app import serve_model
@@ -42,6 +46,84 @@ app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curat
 app.command("pretrain")(config_command(PretrainConfig, pretrain))
 app.command("serve")(config_command(ServeConfig, serve_model))
 app.command("finetune")(config_command(FinetuneConfig, finetune))
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A user mistake (PipelineError) as one line on stderr and exit code 2, never a traceback."""
+    try:
+        yield
+    except PipelineError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "finetune", "deploy"]
+
+
+@app.command("flow")
+def run_flow(
+    name: str = typer.Argument(..., help="One of: " + ", ".join(FLOW_NAMES)),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file: the flow's config."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: --set pretrain.engine.max_steps=50 "
+                                   "(the value is read as YAML). Repeat for several."),
+    summary_json: Optional[Path] = typer.Option(None, help="Also write what each stage did to this JSON file."),
+) -> None:
+    """Run a Prefect flow in this process (Prefect's ephemeral API unless PREFECT_API_URL is set):
+    the stages it runs are tasks with retries and content-keyed caching."""
+    import json
+
+    import yaml
+
+    from pipelines.config import load_config
+
+    if name not in FLOW_NAMES:
+        Console(stderr=True).print(f"[red]error:[/red] no flow {name!r}; flows: {', '.join(FLOW_NAMES)}")
+        raise typer.Exit(2)
+    with one_line_errors():
+        overrides = {}
+        for item in set_:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise PipelineError(f"--set {item!r}: expected KEY.PATH=VALUE")
+            overrides[tuple(key.split("."))] = yaml.safe_load(value)
+        from pipelines.flows import FLOWS, summary_table
+
+        model, flow = FLOWS[name]
+        result = flow(config=load_config(model, config, overrides))
+    outcomes = {result["stage"]: result} if "stage" in result else result
+    if all(isinstance(o, dict) and "stage" in o for o in outcomes.values()):
+        Console().print(summary_table(outcomes, title=name))
+    else:
+        print(json.dumps(result, indent=2))
+    if summary_json:
+        summary_json.write_text(json.dumps(result, indent=2, default=str))
+
+
+@app.command("deploy-flows")
+def deploy_flows(
+    register_only: bool = typer.Option(False, help="Register the deployments and return (no runner)."),
+) -> None:
+    """Register the flows' deployments (with their schedules and default parameters) on the Prefect
+    API at PREFECT_API_URL, and run what executes their scheduled and UI-started runs, until Ctrl-C."""
+    from pipelines.deployments import deploy_flows as deploy
+
+    with one_line_errors():
+        for name in deploy(register_only=register_only):
+            print(name)
+
+
+@app.command()
+def ui(
+    prefect_port: int = typer.Option(4200, help="Port of the Prefect server and UI on 127.0.0.1."),
+    mlflow_port: int = typer.Option(5000, help="Port of the MLflow UI on 127.0.0.1."),
+) -> None:
+    """Start the Prefect server with its UI and the MLflow UI on loopback (over the records of earlier
+    runs, `make demo`'s included), register the deployments and run them, until Ctrl-C."""
+    from pipelines.deployments import ui as run_ui
+
+    with one_line_errors():
+        run_ui(prefect_port=prefect_port, mlflow_port=mlflow_port)
 
 
 @app.command()

@@ -1,10 +1,12 @@
-"""`make demo`: build a small sample web on loopback and run the pipeline on the embedded defaults.
+"""`make demo`: build a small sample web on loopback and run the end-to-end flow on the embedded defaults.
 
 The sample: real photographs (crops of scikit-image's sample photos) with captions, a few planted
 faults (dead links, HTML served as JPEG, a robots.txt-disallowed folder, an `X-Robots-Tag: noai`
-image), and article pages made of real text (the package descriptions installed in this venv).
-It is served by a real HTTP server on 127.0.0.1; the crawls pass `allow_private_network` for that.
-Running it again resumes: finished shards are skipped.
+image); article pages made of real text (the descriptions of the packages installed in this venv);
+and question/answer pairs about those packages for the fine-tune. It is served by a real HTTP server
+on 127.0.0.1 (the crawls pass `allow_private_network` for that), and `end-to-end` (pipelines/flows.py)
+crawls it, curates, pretrains, fine-tunes, registers, serves and sends one request. Running it again
+takes every unchanged stage from Prefect's cache; `make ui` shows the records.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 OUT = Path("demo-out")
 
@@ -44,8 +45,9 @@ def sample_photos() -> list[tuple[str, "object"]]:
     return photos
 
 
-def build_sample(root: Path, base_url: str, n_images: int = 240, n_pages: int = 60) -> dict[str, Path]:
-    """Write the web root and the two URL lists plus a small text corpus; return their paths."""
+def build_sample(root: Path, base_url: str, n_images: int = 240, n_pages: int = 200) -> dict[str, Path]:
+    """Write the web root, the two URL lists and question/answer
+    examples about them; return their paths."""
     rng = random.Random(0)
     www = root / "www"
     (www / "img").mkdir(parents=True, exist_ok=True)
@@ -74,14 +76,18 @@ def build_sample(root: Path, base_url: str, n_images: int = 240, n_pages: int = 
     images = root / "images.jsonl"
     images.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    docs = []
-    for dist in sorted(metadata.distributions(), key=lambda d: d.metadata["Name"] or ""):
+    docs, examples, seen = [], [], set()
+    for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
+        name, summary = dist.metadata.get("Name"), (dist.metadata.get("Summary") or "").strip()
+        if not name or name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        if len(summary.split()) >= 3:
+            examples.append({"prompt": f"What is the Python package {name} for?", "response": summary})
         body = email.message_from_string(dist.read_text("METADATA") or "").get_payload() or ""
-        if len(body.split()) >= 120:
-            docs.append((dist.metadata["Name"], body))
-        if len(docs) >= n_pages:
-            break
-    pages, corpus = [], []
+        if len(body.split()) >= 120 and len(docs) < n_pages:
+            docs.append((name, body))
+    pages = []
     for i, (name, body) in enumerate(docs):
         paras = "".join(f"<p>{html.escape(p.strip())}</p>\n" for p in body.split("\n\n") if p.strip())
         page = (f"<!doctype html><html lang='en'><head><title>{html.escape(name)}</title></head><body>"
@@ -90,10 +96,10 @@ def build_sample(root: Path, base_url: str, n_images: int = 240, n_pages: int = 
                 f"<footer>Demo site footer</footer></body></html>")
         (www / "pages" / f"{i:04d}.html").write_text(page)
         pages.append({"url": f"{base_url}/pages/{i:04d}.html"})
-        corpus.append({"id": f"pkg-{name}", "text": body})
     (root / "pages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pages))
-    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    return {"www": www, "images": images, "pages": root / "pages.jsonl", "corpus": root / "corpus.jsonl"}
+    (root / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in examples))
+    return {"www": www, "images": images, "pages": root / "pages.jsonl",
+            "instructions": root / "instructions.jsonl"}
 
 
 class DemoHandler(SimpleHTTPRequestHandler):
@@ -108,66 +114,55 @@ class DemoHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def serve(www: Path) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(DemoHandler, directory=str(www)))
+def serve(www: Path, port: int) -> ThreadingHTTPServer:
+    """Serve `www` on 127.0.0.1:`port` (any free port if that one is taken)."""
+    handler = functools.partial(DemoHandler, directory=str(www))
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
+# A fixed port keeps the URL lists, so a second `make demo` finds every stage in the cache.
+SAMPLE_PORT = 8765
+
+
 def main() -> int:
-    from pipelines.ingest.images import ImageCrawlConfig, crawl_images
-    from pipelines.ingest.text import TextCrawlConfig, crawl_text
+    from pipelines.config import load_config
+    from pipelines.errors import PipelineError
+    from pipelines.flows import CONFIGS, EndToEndConfig, end_to_end, mlflow_ui_url, summary_table
 
     console = Console()
     sample_dir = OUT / "sample"
     # The handler looks its folder up per request, so it can serve before the sample exists;
     # the sample's URL lists need the port.
-    server = serve(sample_dir / "www")
+    server = serve(sample_dir / "www", SAMPLE_PORT)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     paths = build_sample(sample_dir, base)
     console.print(f"[bold]demo[/bold]: sample web served at {base} from {paths['www']}")
+    config = load_config(EndToEndConfig, CONFIGS / "flows" / "demo.yaml", {
+        ("workdir",): str(OUT.absolute()), ("images", "input"): str(paths["images"]),
+        ("text", "input"): str(paths["pages"]), ("finetune", "examples", "data"): str(paths["instructions"])})
     try:
-        fetch = {"allow_private_network": True}
-        jobs = [
-            ("images", crawl_images, ImageCrawlConfig(input=str(paths["images"]), output=str(OUT / "shards/images"),
-                                                      shard_size=100, fetch=fetch)),
-            ("web pages", crawl_text, TextCrawlConfig(input=str(paths["pages"]), output=str(OUT / "shards/pages"),
-                                                      source="urls", shard_size=50, fetch=fetch)),
-            ("text files", crawl_text, TextCrawlConfig(input=str(paths["corpus"]),
-                                                       output=str(OUT / "shards/corpus"), shard_size=50)),
-        ]
-        runs = [(name, config.output, crawl(config)) for name, crawl, config in jobs]
+        outcomes = end_to_end(config)
+    except PipelineError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return 2
     finally:
         server.shutdown()
-    table = Table(title="demo: ingest")
-    for col in ("crawl", "rows", "samples", "shards", "manifest digest", "output"):
-        table.add_column(col)
-    for name, output, result in runs:
-        m = result.manifest
-        table.add_row(name, str(m["stats"]["total"]), str(m["samples"]), str(len(m["shards"])),
-                      m["digest"][:12], output)
-    console.print(table)
-
-    from pipelines.config import load_config
-    from pipelines.curate.run import CurateConfig, curate
-
-    configs = Path(__file__).resolve().parent.parent / "configs" / "curate"
-    curated = []
-    for name, source, config in (("images", "shards/images", "images-default.yaml"),
-                                 ("text files", "shards/corpus", "text-default.yaml")):
-        overrides = {("input",): str(OUT / source), ("output",): str(OUT / "curated" / source.split("/")[1])}
-        curated.append((name, curate(load_config(CurateConfig, configs / config, overrides))))
-    table = Table(title="demo: curate")
-    for col in ("shards", "samples in", "kept", "removed by", "report"):
-        table.add_column(col)
-    for name, result in curated:
-        removed = ", ".join(f"{s['step']} {s['in'] - s['kept']}" for s in result.stats["steps"] if s["in"] > s["kept"])
-        table.add_row(name, str(result.stats["input"]["samples"]), str(result.stats["output"]["samples"]),
-                      removed or "-", f"{result.stats['output']['path']}/report.html")
-    console.print(table)
-    ok = all(r.ok for _, _, r in runs) and all(r.ok for _, r in curated)
-    console.print("[green]demo finished[/green]" if ok else "[red]demo finished with failed shards[/red]")
-    return 0 if ok else 1
+    console.print(summary_table(outcomes, title="demo: end-to-end"))
+    deployed = outcomes.get("deploy", {}).get("result", {})
+    lm = outcomes["pretrain"]["result"]["model_uri"]
+    chat = outcomes.get("finetune", {}).get("result", {}).get("adapter_uri")
+    console.print(f"endpoint (up while the demo ran): {deployed.get('url')}/v1, model {deployed.get('model')!r}")
+    console.print(f"answer: {deployed.get('answer')!r}")
+    console.print(f"serve it again: pipelines serve --model {lm}" + (f" --adapter {chat}" if chat else ""))
+    console.print(f"browse the Prefect and MLflow records: make ui (Prefect http://127.0.0.1:4200, "
+                  f"MLflow {mlflow_ui_url()})")
+    console.print("[green]demo finished[/green]")
+    return 0
 
 
 if __name__ == "__main__":

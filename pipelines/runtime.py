@@ -12,12 +12,16 @@ by configuration alone, through each tool's own standard variable:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import fsspec
 
@@ -38,6 +42,65 @@ class Settings:
 
 def settings() -> Settings:
     return Settings()
+
+
+def prefect_env() -> None:
+    """Prefect's embedded defaults, set before Prefect is imported (it reads its settings then): its
+    home (the ephemeral API's SQLite database, which `pipelines ui` serves afterwards) and persisted
+    task results under $PIPELINES_HOME/prefect, telemetry off. Values already set are kept."""
+    home = settings().home / "prefect"
+    os.makedirs(os.environ.get("PREFECT_HOME", home), exist_ok=True)  # its database goes there: SQLite won't make it
+    for key, value in {
+        "PREFECT_HOME": str(home),
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(home / "results"),
+        "DO_NOT_TRACK": "1",  # the Prefect client's usage events
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The ephemeral API starts in a subprocess; on a busy 2-core machine that can take 20 s.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+# Modules every stage's output depends on, besides the stage's own package.
+SHARED_MODULES = ("config.py", "errors.py", "runtime.py")
+
+
+@functools.cache
+def code_version(*parts: str) -> str:
+    """The package version and a digest of the source of `parts` (folders or modules of `pipelines`,
+    e.g. "ingest") and of the shared modules: what a cached stage result was made by. An edit elsewhere
+    (another stage, the CLI) does not invalidate it."""
+    from pipelines import __version__
+
+    root = Path(__file__).parent
+    files = [root / m for m in SHARED_MODULES]
+    for part in parts:
+        files += sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `failpoint`: a transient failure planted on purpose."""
+
+
+_failpoint_hits: dict[str, int] = {}
+_failpoint_lock = threading.Lock()
+
+
+def failpoint(name: str) -> None:
+    """Fail the first N times `name` is reached in this process when `PIPELINES_FAILPOINTS` says
+    `name=N` (comma-separated). How the tests plant a transient failure in a real run, to see it retried."""
+    spec = dict(item.split("=", 1) for item in os.environ.get("PIPELINES_FAILPOINTS", "").split(",") if "=" in item)
+    if name not in spec:
+        return
+    with _failpoint_lock:
+        hits = _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+    if hits <= int(spec[name]):
+        raise InjectedFault(f"failpoint {name}: planted failure {hits} of {spec[name]}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -67,7 +130,7 @@ _NOISE = re.compile(
     r"|Setting accelerator to CPU|deepspeed_shm_comm_op built successfully|torch.distributed.\w+. is deprecated"
     r"|return func\(\*args, \*\*kwargs\)|has constructor arguments in the object store"
     r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH|is_gradient_checkpointing. is deprecated"
-    r"|^\s*warnings.warn\($")
+    r"|^\s*warnings.warn\($|The autoscaler took .* seconds to complete the update iteration")
 
 
 def _filter_worker_logs() -> None:
@@ -86,13 +149,33 @@ def _filter_worker_logs() -> None:
         dispatcher.handlers = handlers
 
 
+_log_sinks: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def worker_logs_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Also hand every line Ray's workers print (less `_NOISE`) to `sink` while inside: how a Prefect
+    task run gets the logs of the Ray work it started."""
+    _log_sinks.append(sink)
+    try:
+        yield
+    finally:
+        _log_sinks.remove(sink)
+
+
 def _filtered(handler: Any) -> Any:
     def forward(data: dict) -> None:
         if data.get("actor_name") == "PlacementGroupCleaner":  # all it says is that it lacks the state API
             return
         lines = [line for line in data.get("lines", []) if not _NOISE.search(line)]
-        if lines:
+        sinks = list(_log_sinks)
+        if lines and not sinks:
             handler({**data, "lines": lines})
+        elif lines:  # a sink that logs also prints: once is enough
+            who = data.get("actor_name") or data.get("task_name") or "worker"
+            for sink in sinks:
+                for line in lines:
+                    sink(f"({who} pid={data.get('pid')}) {line}")
 
     forward._pipelines_filtered = True  # type: ignore[attr-defined]
     return forward

@@ -3,7 +3,7 @@ command-line option of `pipelines pretrain` (`--max-steps`, `--zero-stage`, ...)
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -82,6 +82,9 @@ class TrainRunConfig(ConfigModel):
     run_name: str | None = Field(None, description="Name of the run in storage (default: generated).")
     resume: str | None = Field(None, description="Continue the stopped run of this name from its last checkpoint.")
     quiet: bool = Field(False, description="No progress output.")
+
+    # What a run is called and how it shows progress do not change what it trains (see ConfigModel.digest).
+    run_options: ClassVar[dict[str, Any]] = {"run_name": True, "resume": True, "quiet": True}
 
     # Options that may differ when a stopped run is resumed (everything else comes from the run).
     resumable: ClassVar[set[tuple[str, ...]]] = {
