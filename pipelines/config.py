@@ -19,7 +19,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from pipelines.errors import PipelineError
 
@@ -31,6 +31,13 @@ class ConfigModel(BaseModel):
     # Fields that change how a job runs but not what it produces, left out of digest(); in
     # pydantic's `exclude` form: {"quiet": True, "fetch": {"timeout", ...}}.
     run_options: ClassVar[dict[str, Any]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _section_defaults(cls, data: Any) -> Any:
+        """However a config is built (a file, the command line, Prefect's parameters), a partly given
+        section keeps the defaults its parent chose for it (see `_with_section_defaults`)."""
+        return _with_section_defaults(cls, data) if isinstance(data, dict) else data
 
     def digest(self) -> str:
         """A stable sha256 of the fields that determine the output, for caching and lineage."""
@@ -90,7 +97,7 @@ def load_config(model: type[ConfigModel], path: str | Path | None = None,
             node = node.setdefault(key, {})
         node[key_path[-1]] = value
     try:
-        return model.model_validate(_with_section_defaults(model, data))
+        return model.model_validate(data)
     except ValidationError as exc:
         raise PipelineError(_format_validation_error(exc, source)) from exc
 

@@ -19,6 +19,7 @@ workers print also goes to the task run's logs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -157,8 +158,20 @@ def _mlflow_links(stage: str, run_id: str, registered: Any) -> None:
 
 
 def _logs_to_run() -> Any:
-    """Ray's worker output of this task, into its run's logs."""
+    """Ray's worker output, into this task's or flow's run logs."""
     return worker_logs_to(get_run_logger().info)
+
+
+def _flow_logs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Ray's worker output during the whole flow run into its logs: the lines of a task's Ray work can
+    reach the driver after the task has ended (Ray forwards them in the background)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _logs_to_run():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 # -- the stages --------------------------------------------------------------------------------------
@@ -342,6 +355,7 @@ class IngestConfig(ConfigModel):
 
 
 @flow(name="ingest", log_prints=True)
+@_flow_logs
 def ingest_flow(config: IngestConfig) -> dict[str, Any]:
     """Crawl caption-image URL lists and/or text corpora into WebDataset shards."""
     init_ray()
@@ -358,6 +372,7 @@ def ingest_flow(config: IngestConfig) -> dict[str, Any]:
 
 
 @flow(name="curate", log_prints=True)
+@_flow_logs
 def curate_flow(config: CurateConfig) -> dict[str, Any]:
     """Filter and dedupe a shard set with the configured steps."""
     init_ray()
@@ -365,6 +380,7 @@ def curate_flow(config: CurateConfig) -> dict[str, Any]:
 
 
 @flow(name="pretrain", log_prints=True)
+@_flow_logs
 def pretrain_flow(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain a causal LM on (curated) text shards with DeepSpeed on Ray Train; register it in MLflow."""
     if not config.data.shards:
@@ -375,6 +391,7 @@ def pretrain_flow(config: PretrainConfig) -> dict[str, Any]:
 
 
 @flow(name="finetune", log_prints=True)
+@_flow_logs
 def finetune_flow(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune (LoRA or full) a registered base on prompt/response examples; register the adapter."""
     if not config.base or not config.examples.data:
@@ -401,6 +418,7 @@ def _pinned_finetune(config: FinetuneConfig) -> tuple[FinetuneConfig, str]:
 
 
 @flow(name="deploy", log_prints=True)
+@_flow_logs
 def deploy_flow(config: ServeConfig, prompt: str = "Hello", max_tokens: int = 32) -> dict[str, Any]:
     """Serve a registered model (and adapters) on Ray Serve, then send one request through it.
     The endpoint lives as long as the Ray it runs on: a cluster's (`RAY_ADDRESS`) outlives the flow."""
@@ -464,6 +482,7 @@ def _curate_config(path: str, input: str, output: str) -> CurateConfig:
 
 
 @flow(name="end-to-end", log_prints=True)
+@_flow_logs
 def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
     """The whole chain on one config; stages whose inputs did not change come from the cache."""
     from pipelines.serve.app import ray_serve_env
@@ -492,7 +511,8 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
     for name, (section, model, task_fn) in branches.items():
         if section.input:
             given = section.model_dump(exclude={"curate"}, exclude_unset=True)  # unset stays unset (id_col)
-            crawl = model.model_validate(given | {"output": section.output or f"{workdir}/shards/{name}", "quiet": True})
+            output = section.output or f"{workdir}/shards/{name}"
+            crawl = model.model_validate(given | {"output": output, "quiet": True})
             crawls[name] = Stage(task_fn, crawl, content_digest(crawl.input), _shards_still_there, config.refresh)
     crawled = {}
     for name, stage in crawls.items():

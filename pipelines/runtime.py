@@ -18,12 +18,14 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # DeepSpeed compiles its CPU ops on first use into a cache named by op, not by version: one per
+    # environment, so two venvs on a machine never load each other's build.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     address = settings().ray_address
     kwargs: dict = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address:
@@ -124,13 +129,15 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 # Lines Ray's own actors print on every run that tell a user nothing: the placement-group cleaner
 # cannot use the state API without a dashboard; Ray Train announces each report; DeepSpeed says it
-# runs on the CPU. Everything else from the workers (our progress lines, real errors) still shows.
+# runs on the CPU; botocore says where each worker found its S3 settings. Everything else from the
+# workers (our progress lines, real errors) still shows.
 _NOISE = re.compile(
     r"State API may be temporarily unavailable|Reporting training result|Checkpoint successfully created"
     r"|Setting accelerator to CPU|deepspeed_shm_comm_op built successfully|torch.distributed.\w+. is deprecated"
     r"|return func\(\*args, \*\*kwargs\)|has constructor arguments in the object store"
     r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH|is_gradient_checkpointing. is deprecated"
-    r"|^\s*warnings.warn\($|The autoscaler took .* seconds to complete the update iteration")
+    r"|^\s*warnings.warn\($|The autoscaler took .* seconds to complete the update iteration"
+    r"|^Found (credentials in|endpoint for \w+ via)")
 
 
 def _filter_worker_logs() -> None:
@@ -154,8 +161,9 @@ _log_sinks: list[Callable[[str], None]] = []
 
 @contextlib.contextmanager
 def worker_logs_to(sink: Callable[[str], None]) -> Iterator[None]:
-    """Also hand every line Ray's workers print (less `_NOISE`) to `sink` while inside: how a Prefect
-    task run gets the logs of the Ray work it started."""
+    """Hand every line Ray's workers print (less `_NOISE`) to `sink` instead of the console while
+    inside: how a Prefect run gets the logs of the Ray work it started. Nested: the innermost sink
+    gets them (a task's, inside its flow's, which catches lines that arrive after the task ended)."""
     _log_sinks.append(sink)
     try:
         yield
@@ -173,9 +181,8 @@ def _filtered(handler: Any) -> Any:
             handler({**data, "lines": lines})
         elif lines:  # a sink that logs also prints: once is enough
             who = data.get("actor_name") or data.get("task_name") or "worker"
-            for sink in sinks:
-                for line in lines:
-                    sink(f"({who} pid={data.get('pid')}) {line}")
+            for line in lines:
+                sinks[-1](f"({who} pid={data.get('pid')}) {line}")
 
     forward._pipelines_filtered = True  # type: ignore[attr-defined]
     return forward
@@ -192,3 +199,9 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a local path or any fsspec URL (`s3://...`)."""
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path of `fs` as a URL that any process can open: an absolute path on local disk, else with its
+    protocol (`s3://bucket/key`; fsspec's paths leave it out)."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)

@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray session, real photographs, and a real HTTP server on loopback.
+"""Shared fixtures: one Ray session, real photographs, a real HTTP server and a real S3 API on loopback.
 
 The server (`web`) is a stdlib ThreadingHTTPServer speaking HTTP/1.1 with keep-alive; every path
 below is a behaviour of the web the crawler must handle. It logs each request so tests can count
@@ -10,16 +10,21 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
+import uuid
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -436,3 +441,85 @@ def make_web(photos: list[Photo], bomb_png: bytes) -> Iterator[Callable[..., Web
 def web(make_web: Callable[..., WebServer]) -> WebServer:
     """A fresh server per test, so attempt counters and the request log start empty."""
     return make_web()
+
+
+# -- S3 ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3 API (moto's server mode) in its own process on a loopback port."""
+
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard variables that point boto3, s3fs and pyarrow (so Ray Train too) at it, with fake
+        credentials and no AWS config files: nothing can reach real AWS."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "fake", "AWS_SECRET_ACCESS_KEY": "fake",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The S3 server, for the whole session. A process of its own: Ray's workers and the pipelines
+    commands the tests start reach it over HTTP like any other client."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the S3 server did not start on {endpoint}") from None
+            time.sleep(0.1)
+    yield S3Server(endpoint)
+    proc.terminate()
+    proc.wait(10)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A bucket on the test S3 server, with a boto3 client to check what the pipelines wrote."""
+
+    name: str
+    client: Any
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.name}/{key}"
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.name, Key=key, Body=data)
+
+    def read(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+    def objects(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Key -> listing (Size, ETag, LastModified) of every object under `prefix`."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
+        return {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+
+
+@pytest.fixture
+def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]:
+    """A new, empty bucket, with this process's environment (and so that of the commands a test starts)
+    pointing every S3 client at the test server."""
+    import boto3
+    import s3fs
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # an instance made before holds its settings and listings
+    client = boto3.client("s3")
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield Bucket(name, client)
+    s3fs.S3FileSystem.clear_instance_cache()

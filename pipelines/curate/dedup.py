@@ -23,6 +23,7 @@ import numpy as np
 import ray
 
 from pipelines.curate.step import Duplicates, SignatureRef
+from pipelines.runtime import filesystem
 
 Records = dict[str, np.ndarray]
 SHARD_BITS = 32
@@ -117,7 +118,8 @@ def split_by(records: Records, parts: int, column: str, shard: bool = False) -> 
 
 
 def load_signature(ref: SignatureRef, names: tuple[str, ...]) -> Records:
-    with np.load(ref.path, allow_pickle=False) as data:
+    fs, path = filesystem(ref.path)
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
         return {name: data[name] for name in names}
 
 

@@ -45,7 +45,7 @@ from pipelines.curate.registry import build_step
 from pipelines.curate.step import DedupStep, Duplicates, SignatureRef, Step
 from pipelines.errors import PipelineError
 from pipelines.ingest.shards import MANIFEST, ShardOutput, ShardWriter, shard_files, write_manifest
-from pipelines.runtime import cluster_cpus, filesystem, init_ray
+from pipelines.runtime import cluster_cpus, filesystem, init_ray, url_of
 
 IMAGE_EXTS = ("jpg", "jpeg", "webp", "png")
 REMOVED = "removed.parquet"
@@ -131,7 +131,9 @@ def curate(config: CurateConfig) -> CurateResult:
     out.remove_stale_temporaries()
 
     phases = _plan(labelled, run_digest, manifest["digest"])
-    work_root = out.path("_work")
+    # Shard tasks run in other processes, maybe on other machines: they get URLs, never bare paths.
+    in_url = url_of(in_fs, in_root.rstrip("/"))
+    work_root = url_of(out.fs, out.path("_work"))
     kind = manifest.get("kind", "text")
     entries = {int(s["name"]): s for s in manifest["shards"]}
     init_ray()
@@ -153,10 +155,10 @@ def curate(config: CurateConfig) -> CurateResult:
         work_dir = f"{work_root}/p{phase.index}-{phase.digest[:16]}"
         jobs = [ShardJob(
             shard=sid, kind=kind, phase=phase,
-            source=("input", f"{in_root}/{entries[sid]['tar']}") if phase.index == 0 else
+            source=("input", f"{in_url}/{entries[sid]['tar']}") if phase.index == 0 else
             ("work", f"{work_root}/p{phase.index - 1}-{phases[phase.index - 1].digest[:16]}/{sid:05d}.parquet"),
-            input_parquet=f"{in_root}/{entries[sid]['parquet']}", input_sha256=entries[sid].get("sha256"),
-            work_dir=work_dir, score_dir=f"{work_root}/scores", final=final, output=config.output,
+            input_parquet=f"{in_url}/{entries[sid]['parquet']}", input_sha256=entries[sid].get("sha256"),
+            work_dir=work_dir, score_dir=f"{work_root}/scores", final=final, output=url_of(out.fs, out.root),
             run_digest=run_digest, drops=drops_by_shard.get(sid), drop_label=drop_label) for sid in alive]
         results = _run_jobs(jobs, config, console, f"phase {phase.index + 1}/{len(phases)}", in_fs)
         for sid, res in results.items():

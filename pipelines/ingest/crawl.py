@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -21,7 +22,7 @@ from rich.table import Table
 from pipelines.errors import PipelineError
 from pipelines.ingest.reader import InputReader
 from pipelines.ingest.shards import MANIFEST, ShardOutput, shard_files, write_manifest
-from pipelines.runtime import cluster_cpus, init_ray
+from pipelines.runtime import cluster_cpus, init_ray, url_of
 
 
 @ray.remote(num_cpus=0)
@@ -88,7 +89,11 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
                 f"{str(stats.get('config_digest'))[:12]}, now {digest[:12]}); resume with the same "
                 "settings or write to another --output")
     init_ray()
-    counter = ProgressCounter.remote()
+    # On a cluster: the counter stays on the driver's node, so losing a worker node does not take it along,
+    # and the tasks, which run in other folders or on other machines, get the output as an absolute URL.
+    counter = ProgressCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    config = config.model_copy(update={"output": url_of(out.fs, out.root)})
     remote = ray.remote(task).options(num_cpus=1, max_retries=task_retries, retry_exceptions=False)
     max_in_flight = max_in_flight or 2 * cluster_cpus()
     console = Console(stderr=True, quiet=quiet)
@@ -165,7 +170,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
     manifest = write_manifest(out, kind, config.model_dump(mode="json"), digest, shard_stats, run_stats)
     result = CrawlResult(manifest, failed, written=len(crawled), skipped=skipped)
     if not quiet:
-        print_summary(console, kind, out.path(MANIFEST), result)
+        print_summary(console, kind, url_of(out.fs, out.path(MANIFEST)), result)
     return result
 
 

@@ -12,6 +12,7 @@ import hashlib
 from collections import Counter
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -51,7 +52,8 @@ class ShardOutput:
         self.fs, self.root = filesystem(url)
         try:
             self.fs.makedirs(self.root, exist_ok=True)
-            if not self.fs.isdir(self.root):
+            # Only a file is in the way: on an object store a prefix with nothing under it is no folder yet.
+            if self.fs.isfile(self.root):
                 raise NotADirectoryError(url)
         except OSError as exc:
             raise PipelineError(f"{url}: cannot use as output folder ({type(exc).__name__}: {exc})") from exc
@@ -61,6 +63,7 @@ class ShardOutput:
 
     def done_shards(self) -> set[int]:
         """Shards whose tar, parquet and stats are all in place."""
+        self.fs.invalidate_cache(self.root)  # other processes write here: never trust a cached listing
         try:
             names = {os.path.basename(p) for p in self.fs.ls(self.root, detail=False)}
         except FileNotFoundError:
@@ -110,8 +113,18 @@ class ShardOutput:
         if _is_local(self.fs):
             os.replace(staged, self.path(name))
         else:
-            self.fs.put_file(staged, self.path(name))
-            os.remove(staged)
+            try:
+                self.fs.put_file(staged, self.path(name))
+            finally:
+                self.discard(staged)
+
+    def discard(self, staged: str) -> None:
+        """Remove a staged file (on object stores, with the temporary folder it was staged in)."""
+        if _is_local(self.fs):
+            if os.path.exists(staged):
+                os.remove(staged)
+        else:
+            shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         staged = self.staging(name)
@@ -227,7 +240,8 @@ class ShardWriter:
         tar_name, parquet_name, stats_name = self._names
         tar_sha256 = self._tar.close()
         self._file.close()
-        stats = dict(stats, shard=shard_name(self.shard_id), samples=self.count, tar_sha256=tar_sha256)
+        stats = dict(stats, shard=shard_name(self.shard_id), samples=self.count, tar_sha256=tar_sha256,
+                     node_id=ray_node_id())
         self.out.commit(self._staged_tar, tar_name)
         staged_parquet = self.out.staging(parquet_name)
         pq.write_table(table, staged_parquet)
@@ -238,8 +252,14 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the staged tar (the shard stays not done)."""
         self._file.close()
-        if os.path.exists(self._staged_tar):
-            os.remove(self._staged_tar)
+        self.out.discard(self._staged_tar)
+
+
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray): a shard's stats say where it was written."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def write_shard(out: ShardOutput, shard_id: int, samples: Iterable[tuple[str, dict[str, bytes]]],

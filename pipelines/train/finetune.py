@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 from rich.console import Console
 
@@ -200,12 +201,17 @@ def _resolve_base(base: str, storage: str) -> tuple[str, str]:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            staged = f"{path}.tmp-{os.getpid()}"  # config.json last: a half-copied base is never found
-            fs.makedirs(staged, exist_ok=True)
-            fs.put(tmp + "/", staged, recursive=True)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            fs.mv(staged, path, recursive=True)
+            # config.json last: a half-copied base is never found
+            if isinstance(fs, LocalFileSystem):
+                staged = f"{path}.tmp-{os.getpid()}"
+                fs.makedirs(staged, exist_ok=True)
+                fs.put(tmp + "/", staged, recursive=True)
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+                fs.mv(staged, path, recursive=True)
+            else:  # an object store has no rename (mv copies, in any order): upload in place
+                for name in sorted(os.listdir(tmp), key=lambda name: name == "config.json"):
+                    fs.put(os.path.join(tmp, name), f"{path}/{name}", recursive=True)
         return pinned, target
     folder = absolute(base)
     if "://" not in folder and not Path(folder, "config.json").is_file():

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from pipelines.errors import PipelineError
+from pipelines.runtime import filesystem
 from pipelines.train.data import Cursor, ShardSet, TokenStream, iter_texts, open_shards, read_tar
 from pipelines.train.tokenizer import CHAT_TEMPLATE, load_tokenizer
 
@@ -129,21 +129,22 @@ def check_example_shards(shards: ShardSet) -> None:
 
 
 def prepare_examples(data: str, storage: str, quiet: bool = True) -> ShardSet:
-    """Instruction shards for `data`: a shard folder/URL as is, or a jsonl file written as shards once
-    (under `{storage}/datasets/{sha256 of the file}`; the same file is not converted again)."""
+    """Instruction shards for `data` (a local path or fsspec URL): a shard folder as is, or a jsonl file
+    written as shards once (under `{storage}/datasets/{sha256 of the file}`; the same file is not
+    converted again)."""
     from pipelines.ingest.text import TextCrawlConfig, crawl_text
 
-    path = Path(data)
-    if "://" in data or path.is_dir():
-        shards = open_shards(data if "://" in data else str(path.absolute()))
+    fs, path = filesystem(data)
+    if fs.isdir(path):
+        shards = open_shards(data)
         check_example_shards(shards)
         return shards
-    if not path.is_file():
+    if not fs.isfile(path):
         raise PipelineError(f"{data}: no such file or shard folder")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(fs.cat_file(path)).hexdigest()
     out = f"{storage}/datasets/{digest[:16]}"
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with fs.open(path, "r", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -158,8 +159,9 @@ def prepare_examples(data: str, storage: str, quiet: bool = True) -> ShardSet:
             rows.append({"id": str(example.get("id", n)), "text": text, "messages": messages})
     if not rows:
         raise PipelineError(f"{data}: no examples")
-    staged = Path(storage if "://" not in storage else "/tmp") / "datasets" / f"{digest[:16]}.jsonl"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    staged.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    crawl_text(TextCrawlConfig(input=str(staged), output=out, shard_size=1000, quiet=quiet))
+    staged = f"{out}.jsonl"  # the crawl's input, kept beside its shards
+    staged_fs, staged_path = filesystem(staged)
+    staged_fs.makedirs(staged_path.rsplit("/", 1)[0], exist_ok=True)
+    staged_fs.pipe_file(staged_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    crawl_text(TextCrawlConfig(input=staged, output=out, shard_size=1000, quiet=quiet))
     return open_shards(out)

@@ -142,20 +142,30 @@ def test_end_to_end_needs_an_input(prefect_api: None) -> None:
         end_to_end(EndToEndConfig(images={"input": "urls.jsonl"}))
 
 
+def _wait_for(marker: str, lines: list[str], timeout: float = 20) -> bool:
+    deadline = time.time() + timeout
+    while not any(marker in line for line in lines) and time.time() < deadline:
+        time.sleep(0.2)
+    return any(marker in line and "pid=" in line for line in lines)
+
+
 @pytest.mark.usefixtures("ray_cluster")
-def test_ray_worker_output_reaches_the_sink() -> None:
+def test_ray_worker_output_reaches_the_innermost_sink() -> None:
+    """A task's sink inside its flow's: the task gets its lines; lines after it go to the flow."""
     import ray
 
-    marker = f"hello from a worker {uuid.uuid4().hex}"
-
     @ray.remote
-    def speak() -> None:
-        print(marker)
+    def speak(text: str) -> None:
+        print(text)
 
-    lines: list[str] = []
-    with runtime.worker_logs_to(lines.append):
-        ray.get(speak.remote())
-        deadline = time.time() + 20
-        while not any(marker in line for line in lines) and time.time() < deadline:
-            time.sleep(0.2)
-    assert any(marker in line and "pid=" in line for line in lines)
+    flow_lines: list[str] = []
+    task_lines: list[str] = []
+    during, after = (f"{when} a task {uuid.uuid4().hex}" for when in ("during", "after"))
+    with runtime.worker_logs_to(flow_lines.append):
+        with runtime.worker_logs_to(task_lines.append):
+            ray.get(speak.remote(during))
+            assert _wait_for(during, task_lines)
+        ray.get(speak.remote(after))
+        assert _wait_for(after, flow_lines)
+    assert not any(during in line for line in flow_lines)  # once, not twice
+    assert not any(after in line for line in task_lines)

@@ -23,6 +23,16 @@ def test_one_engine_option_keeps_the_sections_other_defaults(tmp_path) -> None:
     assert load_config(PretrainConfig, tmp_path / "c.yaml").engine.zero_stage == 2
 
 
+def test_a_partial_section_keeps_its_defaults_however_the_config_is_built() -> None:
+    """Prefect validates a flow's parameters with the model itself, not through `load_config`."""
+    direct = FinetuneConfig.model_validate({"engine": {"workers": 2}})
+    assert (direct.engine.workers, direct.engine.zero_stage, direct.engine.eval_batches) == (2, 0, 8)
+    from pipelines.flows import EndToEndConfig
+
+    nested = EndToEndConfig.model_validate({"finetune": {"engine": {"workers": 2}}})
+    assert nested.finetune.engine == direct.engine
+
+
 def test_help_shows_the_defaults_that_apply() -> None:
     run = CliRunner().invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
     line = next(line for line in run.output.splitlines() if "--zero-stage" in line)
