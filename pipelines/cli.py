@@ -18,6 +18,7 @@ from pipelines.ingest.images import ImageCrawlConfig, crawl_images
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
 from pipelines.serve.app import serve_model
 from pipelines.serve.config import ServeConfig
+from pipelines.train.clip import ClipPretrainConfig, pretrain_clip
 from pipelines.train.config import PretrainConfig
 from pipelines.train.finetune import FinetuneConfig, finetune
 from pipelines.train.pretrain import pretrain
@@ -44,6 +45,7 @@ crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_fai
 crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
 app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curate)))
 app.command("pretrain")(config_command(PretrainConfig, pretrain))
+app.command("pretrain-clip")(config_command(ClipPretrainConfig, pretrain_clip))
 app.command("serve")(config_command(ServeConfig, serve_model))
 app.command("finetune")(config_command(FinetuneConfig, finetune))
 

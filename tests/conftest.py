@@ -48,6 +48,14 @@ def ray_cluster() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny CLIP trained here on drawn shapes (tests/tiny_clip.py), saved as a model folder."""
+    from tests.tiny_clip import train_tiny_clip
+
+    return train_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
 # -- photographs ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Photo:

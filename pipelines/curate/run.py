@@ -406,6 +406,10 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
     if job.phase.dedup is not None:
         label, step = job.phase.dedup
         t0 = time.time()
+        # A global step may score its rows first (cached per row, as for row steps); the columns stay on the rows.
+        scores = _scores(step, label, batch, job, fs, chain)
+        for name in scores.columns:
+            batch[name] = scores[name].to_numpy()
         sig = step.signature(batch) if len(batch) else _empty_signature(step)
         sig["gid"] = (np.int64(job.shard) << SHARD_BITS) + np.arange(len(batch), dtype=np.int64)
         sig["key"] = np.array(batch["key"].astype(str).tolist(), dtype="S") if len(batch) else np.zeros(0, "S1")

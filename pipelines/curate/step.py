@@ -29,7 +29,9 @@ Parameters are a pydantic model (`Params`) validated from the YAML config; field
             return reasons(batch["words"] < self.params.min_words, "too_few_words")
 
 Deduplication needs every shard at once, so a `DedupStep` works in two phases: `signature(batch)`
-per shard (hashes, MinHash signatures) and `find_duplicates(...)` over all of them on Ray.
+per shard (hashes, MinHash signatures) and `find_duplicates(...)` over all of them on Ray. Any decision
+over all rows fits there: a `DedupStep` may also `score` its rows (cached, and kept as columns) before its
+signature, which is how `clip_score` keeps the top fraction of all scores.
 """
 
 from __future__ import annotations

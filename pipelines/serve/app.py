@@ -1,6 +1,7 @@
 """The Ray Serve application: one deployment whose replicas hold the model and answer HTTP.
 
-- `OpenAIServer` is the deployment: each replica loads the registered model, builds the FastAPI app
+- `OpenAIServer` is the deployment: each replica loads the registered model (a causal LM, or a CLIP
+  model when the version is tagged `pipelines.kind=clip`: embeddings and similarity only), builds the FastAPI app
   of `openai_api` over itself (`serve.ingress` with `__serve_build_asgi_app__`), batches generation
   and embedding calls (`serve.batch`), loads adapters on demand into a per-replica LRU
   (`serve.multiplexed`) and watches the registry: when the alias moves it loads the new version
@@ -44,7 +45,7 @@ from ray.serve import Application
 
 from pipelines.errors import PipelineError
 from pipelines.serve.config import ServeConfig
-from pipelines.serve.engine import AdapterError, Generation, TextEngine
+from pipelines.serve.engine import AdapterError, ClipEngine, Generation, TextEngine
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class OpenAIServer:
     def model_ids(self) -> list[str]:
         return [self.base_name] + [f"{self.base_name}:{a}" for a in sorted(self.adapter_versions)]
 
-    async def resolve(self, model: str) -> tuple[TextEngine, str | None]:
+    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine, str | None]:
         """The engine for `model` (NAME or NAME:ADAPTER) and the adapter's loaded name."""
         engine = self.engine
         base, sep, adapter = model.partition(":")
@@ -167,10 +168,21 @@ class OpenAIServer:
         return out
 
     # -- the registry --------------------------------------------------------------------------
-    def _load(self, version: int) -> TextEngine:
+    def _load(self, version: int) -> TextEngine | ClipEngine:
+        from mlflow import MlflowClient
+
         from pipelines.train.registry import load_registered
 
         started = time.monotonic()
+        if MlflowClient().get_model_version(self.base_name, str(version)).tags.get("pipelines.kind") == "clip":
+            from PIL import Image
+
+            from pipelines.train.clip_model import load_clip
+
+            clip = ClipEngine(load_clip(f"models:/{self.base_name}/{version}"), self.base_name, version)
+            clip.embed(["warm up"], [Image.new("RGB", (8, 8))])
+            log.info("loaded %s (CLIP) in %.1f s", clip.label, time.monotonic() - started)
+            return clip
         model, tokenizer = load_registered(f"models:/{self.base_name}/{version}")
         engine = TextEngine(model, tokenizer, self.base_name, version)
         engine.generate([Generation(engine.encode("warm up") or [engine.eos], 1, temperature=0.0)])

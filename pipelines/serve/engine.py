@@ -14,6 +14,9 @@ and is called from the replica (and, in the benchmark, directly).
   L2-normalised.
 - Adapters are peft LoRA folders loaded onto the one base model under a name each; the rows of a
   batch may use different adapters (peft's `adapter_names`).
+
+`ClipEngine` wraps a CLIP model (`pipelines.train.clip_model.ClipBundle`) instead: it embeds captions and
+images into one space and generates nothing.
 """
 
 from __future__ import annotations
@@ -257,3 +260,27 @@ def _generator(seed: int | None) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
+
+
+class ClipEngine:
+    """A registered CLIP model, ready to embed captions and images (L2-normalised, one shared space)."""
+
+    def __init__(self, bundle: Any, name: str, version: int):
+        self.bundle = bundle
+        self.name, self.version = name, version
+        self.load_id = uuid.uuid4().hex[:12]
+        self.width = int(bundle.model.config.projection_dim)
+        self._lock = threading.Lock()  # one model call at a time, as for TextEngine
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/v{self.version}"
+
+    def tokens(self, text: str) -> int:
+        """Tokens of a caption as the model sees it (longer captions are cut at the model's length)."""
+        return min(len(self.bundle.tokenizer(text)["input_ids"]) + 1, self.bundle.max_text_len)
+
+    def embed(self, texts: Sequence[str], images: Sequence[Any]) -> tuple[Any, Any]:
+        """(caption embeddings, image embeddings) as float32 numpy rows; images are PIL images."""
+        with self._lock:
+            return self.bundle.embed_texts(list(texts)), self.bundle.embed_images(list(images))

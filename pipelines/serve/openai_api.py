@@ -6,21 +6,26 @@ the benchmark also mounts it on plain uvicorn). Routes:
 - `GET  /v1/models`            the base model and `NAME:ADAPTER` for each adapter
 - `POST /v1/completions`       prompt (text, texts or token ids) -> text; `stream: true` for SSE
 - `POST /v1/chat/completions`  messages -> the assistant's reply; `stream: true` for SSE
-- `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64)
+- `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64); a CLIP
+                               model also embeds images: `input: [{"image": BASE64 or data: URL}, "text", ...]`
+- `POST /v1/similarity`        CLIP models: `{images: [...], texts: [...]}` -> the image x text cosine matrix
 - `GET  /healthz`              the model version being served (no key needed)
 - `POST /admin/reload`         check the registry now for a moved alias (the replica that gets it)
 
 Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
 a field of the wrong type or out of its range 422, an unknown model 404, a prompt longer than the
 context (or max_tokens past it or past the server's limit) 400, a missing or wrong key 401, over
-the rate limit 429 with Retry-After.
+the rate limit 429 with Retry-After. A CLIP model asked for completions, an LM asked for images or
+similarity, and an image that does not decode: 400.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hmac
+import io
 import json
 import math
 import re
@@ -36,7 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipelines.serve.engine import Generation, TextEngine
+from pipelines.serve.engine import ClipEngine, Generation, TextEngine
 
 if TYPE_CHECKING:
     import torch
@@ -151,12 +156,22 @@ class ChatRequest(_Sampling):
     stream_options: StreamOptions | None = None
 
 
+class ImageInput(_Request):
+    image: str = Field(description="An encoded image (JPEG, PNG, WebP...) in base64, or a data: URL of one.")
+
+
 class EmbeddingRequest(_Request):
     model: str
     input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | \
-        Annotated[list[list[int]], Field(min_length=1)]
+        Annotated[list[list[int]], Field(min_length=1)] | Annotated[list[str | ImageInput], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
+
+
+class SimilarityRequest(_Request):
+    model: str
+    images: Annotated[list[str], Field(min_length=1)]
+    texts: Annotated[list[str], Field(min_length=1)]
 
 
 # -- what the routes call ------------------------------------------------------------------------
@@ -167,7 +182,7 @@ class ModelServer(Protocol):
     access: AccessControl
 
     def model_ids(self) -> list[str]: ...
-    async def resolve(self, model: str) -> tuple[TextEngine, str | None]: ...
+    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine, str | None]: ...
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None: ...
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor: ...
     async def reload(self) -> dict[str, Any]: ...
@@ -231,9 +246,16 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pipelines"} for m in server.model_ids()]})
 
+    async def text_engine(model: str) -> tuple[TextEngine, str | None]:
+        engine, adapter = await server.resolve(model)
+        if isinstance(engine, ClipEngine):
+            raise APIError(400, f"model {model!r} is a CLIP model: it serves /v1/embeddings and /v1/similarity, "
+                           "not completions", param="model", code="model_not_supported")
+        return engine, adapter
+
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(body: CompletionRequest) -> Response:
-        engine, adapter = await server.resolve(body.model)
+        engine, adapter = await text_engine(body.model)
         prompts = _prompt_ids(body.prompt, engine)
         rows = [_row(server.config, engine, ids, body, body.max_tokens, adapter, "prompt")
                 for ids in prompts for _ in range(body.n)]
@@ -249,7 +271,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatRequest) -> Response:
-        engine, adapter = await server.resolve(body.model)
+        engine, adapter = await text_engine(body.model)
         ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
         max_tokens = body.max_completion_tokens or body.max_tokens
         rows = [_row(server.config, engine, ids, body, max_tokens, adapter, "messages") for _ in range(body.n)]
@@ -266,7 +288,12 @@ def build_api(server: ModelServer) -> FastAPI:
     @app.post("/v1/embeddings", dependencies=guarded)
     async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
-        inputs = _prompt_ids(body.input, engine)
+        if isinstance(engine, ClipEngine):
+            return await _clip_embeddings(engine, body)
+        if isinstance(body.input, list) and any(isinstance(x, ImageInput) for x in body.input):
+            raise APIError(400, f"model {body.model!r} embeds text only (images need a CLIP model)", param="input",
+                           code="model_not_supported")
+        inputs = _prompt_ids(body.input, engine)  # type: ignore[arg-type]
         for i, ids in enumerate(inputs):
             if len(ids) > engine.context_length:
                 raise APIError(400, f"input {i} has {len(ids)} tokens; the model's context is "
@@ -285,6 +312,25 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    @app.post("/v1/similarity", dependencies=guarded)
+    async def similarity(body: SimilarityRequest) -> JSONResponse:
+        engine, _ = await server.resolve(body.model)
+        if not isinstance(engine, ClipEngine):
+            raise APIError(400, f"model {body.model!r} is not a CLIP model: similarity needs one", param="model",
+                           code="model_not_supported")
+
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            images = [_decode_image(v, f"images.{i}") for i, v in enumerate(body.images)]
+            return engine.embed(body.texts, images)
+
+        texts, images = await asyncio.to_thread(run)
+        matrix = images @ texts.T
+        out: dict[str, Any] = {"object": "similarity", "model": body.model, "similarity": matrix.tolist()}
+        if len(body.images) == len(body.texts):
+            out["pairs"] = np.diagonal(matrix).tolist()  # image i with text i
+        tokens = sum(engine.tokens(t) for t in body.texts)
+        return JSONResponse(out | {"usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     @app.post("/admin/reload", dependencies=guarded)
     async def reload() -> JSONResponse:
         return JSONResponse(await server.reload())
@@ -293,6 +339,55 @@ def build_api(server: ModelServer) -> FastAPI:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+async def _clip_embeddings(engine: ClipEngine, body: EmbeddingRequest) -> JSONResponse:
+    """Texts and images into the CLIP model's shared space, in the order given."""
+    items = [body.input] if isinstance(body.input, str) else list(body.input)
+    if any(not isinstance(x, (str, ImageInput)) for x in items):
+        raise APIError(400, "a CLIP model takes texts and images, not token ids", param="input", code="invalid_value")
+    if body.dimensions is not None and body.dimensions > engine.width:
+        raise APIError(400, f"dimensions {body.dimensions} > the model's {engine.width}", param="dimensions",
+                       code="invalid_value")
+    text_at = [i for i, x in enumerate(items) if isinstance(x, str)]
+    image_at = [i for i, x in enumerate(items) if isinstance(x, ImageInput)]
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        images = [_decode_image(items[i].image, f"input.{i}.image") for i in image_at]  # type: ignore[union-attr]
+        return engine.embed([items[i] for i in text_at], images)  # type: ignore[misc]
+
+    texts, images = await asyncio.to_thread(run)
+    vectors = np.zeros((len(items), engine.width), np.float32)
+    vectors[text_at], vectors[image_at] = texts, images
+    if body.dimensions is not None:
+        vectors = vectors[:, :body.dimensions]
+        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    tokens = sum(engine.tokens(items[i]) for i in text_at)  # type: ignore[arg-type]
+    return JSONResponse({"object": "list", "data": data, "model": body.model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _decode_image(value: str, param: str) -> Any:
+    """A PIL RGB image from base64 or a data: URL; 400 naming `param` when it is neither or does not decode."""
+    from PIL import Image
+
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise APIError(400, f"{param}: a data: URL must be base64 (data:image/png;base64,...)", param=param,
+                           code="invalid_image")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{param}: not base64", param=param, code="invalid_image") from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise APIError(400, f"{param}: not an image that decodes ({type(e).__name__})", param=param,
+                       code="invalid_image") from None
+
+
 def _prompt_ids(prompt: str | list[str] | list[int] | list[list[int]], engine: TextEngine) -> list[list[int]]:
     """Token ids of each prompt (a text, texts, token ids or lists of them)."""
     if isinstance(prompt, str):

@@ -119,14 +119,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 registered = registry.register_model(
                     local_model, config.registry.model_name, run_id=mlflow_run_id, metric="heldout_perplexity",
                     value=final["heldout_perplexity"],
-                    lineage=_lineage(config.data.shards, shards.manifest, run_dir))
+                    lineage=lineage(config.data.shards, shards.manifest, run_dir))
         console.print(f"done: {step} steps, held-out perplexity {final.get('heldout_perplexity', float('nan')):.2f}; "
                       f"model {model_dir}" + (f"; registered {registered.uri}"
                                               f"{' (champion)' if registered.champion else ''}" if registered else ""))
         return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
 
 
-def _lineage(url: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
+def lineage(url: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """Where the model's data came from: the shards, and for curated shards the crawl they were curated from."""
     lineage = {"shards": url, "shards_digest": manifest["digest"], "run_dir": run_dir}
     source = manifest.get("input") or {}
@@ -435,8 +435,9 @@ class MetricsLog:
             self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
         if "loss" in values and not self.quiet and (step % 10 == 0 or step == 1):
             mfu = f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
-            print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
-                  f"{values['tokens_per_s']:.0f} tokens/s{mfu}", flush=True)
+            rate = (f"{values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values
+                    else f"{values['samples_per_s']:.0f} samples/s")
+            print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, {rate}{mfu}", flush=True)
         if time.monotonic() - self.last_flush > 5 or len(self.pending) > 900:
             self.flush()
 
@@ -455,18 +456,6 @@ class MetricsLog:
 def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config: PretrainConfig) -> None:
     """Consolidate a DeepSpeed checkpoint (any ZeRO stage, any number of ranks) into a Hugging Face
     folder: fp32 weights in safetensors, the config and the tokenizer; `from_pretrained` loads it."""
-    import torch
-
-    # The consolidation runs on this CPU whatever the workers ran on; saying so spares DeepSpeed's
-    # accelerator probe and its warning. (Only for this import: Ray workers must probe their own.)
-    chosen = "DS_ACCELERATOR" in os.environ
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    finally:
-        if not chosen:
-            os.environ.pop("DS_ACCELERATOR", None)
-
     from pipelines.train.model import model_config
     from pipelines.train.tokenizer import load_tokenizer
     from transformers import LlamaForCausalLM
@@ -480,11 +469,7 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
         mconfig = model_config(config.model, len(tokenizer), config.data.seq_len, tokenizer.bos_token_id,
                                tokenizer.eos_token_id)
         mconfig.use_cache = True
-        if not any(Path(checkpoint_dir, DS_TAG).glob("zero_pp_rank_*")):  # saved without ZeRO
-            state = torch.load(Path(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                               weights_only=False)["module"]
-        else:
-            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+        state = checkpoint_state(checkpoint_dir)
         model = LlamaForCausalLM(mconfig)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
         missing = [k for k in missing if not (mconfig.tie_word_embeddings and k == "lm_head.weight")]
@@ -499,6 +484,27 @@ def export_model(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config
             fs.rm(path, recursive=True)
         fs.makedirs(path, exist_ok=True)
         fs.put(out + "/", path, recursive=True)
+
+
+def checkpoint_state(checkpoint_dir: str) -> dict[str, Any]:
+    """The model's full state dict from a DeepSpeed checkpoint of any ZeRO stage and any number of ranks."""
+    import torch
+
+    # The consolidation runs on this CPU whatever the workers ran on; saying so spares DeepSpeed's
+    # accelerator probe and its warning. (Only for this import: Ray workers must probe their own.)
+    chosen = "DS_ACCELERATOR" in os.environ
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    finally:
+        if not chosen:
+            os.environ.pop("DS_ACCELERATOR", None)
+
+    if not any(Path(checkpoint_dir, DS_TAG).glob("zero_pp_rank_*")):  # saved without ZeRO
+        return torch.load(Path(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
+                          weights_only=False)["module"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)  # (it prints its progress)
 
 
 # -- storage helpers ------------------------------------------------------------------------------

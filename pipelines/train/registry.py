@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ADAPTER_PATH = "adapter"  # where an adapter folder goes in its run's artifacts
+CLIP_PATH = "clip"  # where a CLIP model folder goes in its run's artifacts
 BASE_MODEL_TAG = "base_model"  # an adapter version's tag: models:/BASE/VERSION it was trained on
 # MLflow 3 refuses longer param values (the client already splits batches at its 100-item limit).
 PARAM_VALUE_LIMIT = 6000
@@ -325,6 +326,43 @@ def load_adapter(uri: str, dst: str | None = None) -> tuple[str, str]:
     except MlflowException as e:
         raise PipelineError(f"{uri}: cannot download version {version} of {name} ({_first_line(e)})") from None
     return folder, base
+
+
+def register_clip(model_dir: str, name: str, *, run_id: str, metric: str, value: float,
+                  lower_is_better: bool = False, lineage: Mapping[str, Any] | None = None) -> Registered:
+    """Register a CLIP folder (`ClipBundle.save`: model, tokenizer, image processor) as a new version of
+    `name`, tagged `pipelines.kind=clip`; aliases as in `register_model` (by default a higher `metric`,
+    e.g. held-out recall@1, is better). `clip_folder` gets it back."""
+    configure_tracking()
+    client = MlflowClient()
+    folder = Path(model_dir).absolute()
+    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+        raise PipelineError(f"{model_dir}: not a CLIP model folder (config.json and preprocessor_config.json)")
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
+    client.log_artifacts(run_id, str(folder), CLIP_PATH)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CLIP_PATH}"  # as for adapters
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # it exists
+        pass
+    return _register_version(client, source, name, metric, float(value), lower_is_better, lineage,
+                             {"pipelines.kind": "clip"}, run_id=run_id)
+
+
+def clip_folder(uri: str, dst: str | None = None) -> str:
+    """The local folder of the CLIP model `models:/NAME@ALIAS` (or `/VERSION`)."""
+    configure_tracking()
+    name, version = resolve_version(uri)
+    mv = MlflowClient().get_model_version(name, str(version))
+    if mv.tags.get("pipelines.kind") != "clip":
+        raise PipelineError(f"{uri}: version {version} of {name} is not a CLIP model")
+    try:
+        return mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst)
+    except MlflowException as e:
+        raise PipelineError(f"{uri}: cannot download version {version} of {name} ({_first_line(e)})") from None
 
 
 def _register_version(client: MlflowClient, source: str, name: str, metric: str, value: float,

@@ -88,7 +88,11 @@ READ_RECORDS = textwrap.dedent("""
     with get_client(sync_client=True) as client:
         run = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        logs, page = [], None
+        while page is None or len(page) == 200:  # all of them, a page at a time
+            page = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                                    limit=200, offset=len(logs))
+            logs += page
         artifacts = client.read_artifacts()
     json.dump({"flow": run.name, "state": run.state.name,
                "tasks": [{"name": t.name, "state": t.state.name, "runs": t.run_count} for t in tasks],

@@ -3,6 +3,7 @@
 from pipelines.curate.step import Step
 from pipelines.curate.steps.blocklist import UrlBlocklist
 from pipelines.curate.steps.c4 import C4Lines
+from pipelines.curate.steps.clip import ClipScore, SemanticDedup
 from pipelines.curate.steps.dedup import ExactDedup, MinHashDedup, PHashDedup
 from pipelines.curate.steps.gopher import GopherQuality, GopherRepetition
 from pipelines.curate.steps.image import AspectRatio, ImageSize
@@ -14,4 +15,5 @@ BUILTIN_STEPS: list[type[Step]] = [
     Length, Language, GopherQuality, GopherRepetition, C4Lines, UrlBlocklist, PiiRedact,
     ImageSize, AspectRatio,
     ExactDedup, MinHashDedup, PHashDedup,
+    ClipScore, SemanticDedup,
 ]

@@ -1,0 +1,520 @@
+"""`pipelines pretrain-clip`: contrastive pretraining of a CLIP-style image-text model on Ray Train +
+DeepSpeed, from the image shards of `pipelines crawl images` (`KEY.jpg` + `KEY.txt` caption).
+
+The same engine as the language model (`pipelines/train/pretrain.py`): the driver resolves the run,
+trains the caption tokenizer, opens the MLflow run and starts a `TorchTrainer`; every worker runs
+`clip_train_loop`: `deepspeed.initialize`, then a plain loop of micro-batches with the symmetric InfoNCE
+loss over the whole batch of all ranks (features all-gathered) and CLIP's learnable temperature, and
+checkpoints through `ray.train.report`. At the end rank 0 measures held-out recall@1/5 in both directions,
+and the driver exports a `ClipBundle` folder and registers it (higher image->text recall@1 is better).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from pydantic import Field
+from rich.console import Console
+
+from pipelines.config import ConfigModel
+from pipelines.errors import PipelineError
+from pipelines.runtime import filesystem, init_ray, settings
+from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
+from pipelines.train.config import EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig, TrainRunConfig
+from pipelines.train.data import ShardSet, is_heldout
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, PretrainResult, absolute, checkpoint_state,
+                                      deepspeed_config, fit, local_copy, lineage, lr_lambda, resolve_run,
+                                      resources, save_checkpoint, storage_root, write_json, zero_label)
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "pipelines.train.ImageCaptionStream/v1"
+EMPTY_EPOCHS = 10  # a stream that finds no training sample in this many epochs in a row has none to find
+RECALL_METRIC = "heldout_i2t_recall_at_1"
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+class ClipDataConfig(ConfigModel):
+    shards: str | None = Field(None, description=(
+        "Image shards (`pipelines crawl images`/`pipelines curate` output): folder or fsspec URL."))
+    shuffle_buffer: int = Field(256, gt=0, description="Image-caption pairs shuffled together.")
+    heldout_percent: float = Field(5.0, ge=0, lt=100, description=(
+        "Share of pairs (by key hash) held out for the final recall."))
+    augment: bool = Field(True, description="Random resized crop and horizontal flip of training images.")
+    crop_scale: float = Field(0.6, gt=0, le=1, description="Smallest share of the image area a random crop keeps.")
+    hflip: bool = Field(True, description="Flip half the training images left-right (off for captions that say "
+                                          "left or right).")
+
+
+class ClipPretrainConfig(TrainRunConfig):
+    model: ClipModelConfig = ClipModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=4096)
+    data: ClipDataConfig = ClipDataConfig()
+    optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=0.2, beta2=0.98)
+    engine: EngineConfig = EngineConfig(micro_batch=64)
+    registry: RegistryConfig = RegistryConfig(experiment="pretrain-clip", model_name="clip-tiny")
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+def read_image_tar(url: str) -> list[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) of every sample of an image shard tar with both a `.jpg` and a `.txt`, in
+    tar order; a tar that cannot be read counts as empty, with a warning (as `data.read_tar`)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        fs, path = filesystem(url)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if member.isfile() and ext in ("jpg", "txt"):
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
+        return []
+    return [(key, s["jpg"], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
+            if "jpg" in s and "txt" in s]
+
+
+def heldout_pairs(shards: ShardSet, heldout_percent: float, limit: int) -> list[tuple[str, bytes, str]]:
+    """The first `limit` held-out (key, image, caption) pairs, in shard order; the same on every call."""
+    pairs: list[tuple[str, bytes, str]] = []
+    for url in shards.tars:
+        pairs += [p for p in read_image_tar(url) if is_heldout(p[0], heldout_percent)]
+        if len(pairs) >= limit:
+            break
+    return pairs[:limit]
+
+
+def _key_seed(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def image_tensor(data: bytes, size: int, rng: np.random.Generator | None = None, crop_scale: float = 1.0,
+                 hflip: bool = False) -> np.ndarray:
+    """A `[3, size, size]` float32 array, normalised as CLIP's. Without `rng`: shorter side to `size`, centre
+    crop (the image processor's view); with it: a random crop of `crop_scale`..1 of the area (aspect 3/4..4/3)
+    resized to `size`, flipped left-right half the time if `hflip`."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    if rng is None:
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    else:
+        area = w * h * rng.uniform(crop_scale, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = min(w, round(math.sqrt(area * ratio))), min(h, round(math.sqrt(area / ratio)))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = image.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        if hflip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(image, np.float32) / 255.0
+    return ((pixels - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PairCursor:
+    """A place in a stream's pairs: the `sample`-th pair of the `tar`-th tar of the stream's tar list for
+    `epoch`; `index` is its running index among the training pairs the stream looks at in the epoch."""
+
+    epoch: int = 0
+    tar: int = 0
+    sample: int = 0
+    index: int = 0
+
+
+class ImageCaptionStream:
+    """Infinite, deterministic, resumable micro-batches of one rank: `(pixels [B, 3, S, S], input_ids [B, L],
+    attention_mask [B, L])`. The split and the shuffle follow `data.TokenStream` (one stream per rank): with
+    at least `world_size` tars rank r reads tars r, r+world, ... of each epoch's shuffled tar order, with fewer
+    every rank reads every tar and takes every world-th training pair; pairs are shuffled in chunks of
+    `shuffle_buffer`, each permuted from (seed, rank, chunk). Augmentation draws from (seed, epoch, key), so a
+    resumed stream gives the same pixels. Held-out keys (`is_heldout`) never enter it."""
+
+    def __init__(self, shards: ShardSet, tokenizer: Any, *, image_size: int, max_text_len: int, micro_batch: int,
+                 rank: int, world_size: int, seed: int, shuffle_buffer: int, heldout_percent: float,
+                 augment: bool = True, crop_scale: float = 0.6, hflip: bool = True):
+        self.shards, self.tokenizer = shards, tokenizer
+        self.image_size, self.max_text_len, self.micro_batch = image_size, max_text_len, micro_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.heldout_percent = shuffle_buffer, heldout_percent
+        self.augment, self.crop_scale, self.hflip = augment, crop_scale, hflip
+        self._position = {"chunk": 0, "emitted": 0, **asdict(PairCursor())}
+
+    def _settings(self) -> dict[str, Any]:
+        return {"digest": self.shards.digest, "seed": self.seed, "image_size": self.image_size,
+                "max_text_len": self.max_text_len, "micro_batch": self.micro_batch, "rank": self.rank,
+                "world_size": self.world_size, "shuffle_buffer": self.shuffle_buffer,
+                "heldout_percent": self.heldout_percent, "augment": self.augment, "crop_scale": self.crop_scale,
+                "hflip": self.hflip}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands after the last batch handed out (JSON-serialisable)."""
+        return {"format": STATE_FORMAT, **self._settings(), "position": dict(self._position)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` stood; call before iterating."""
+        if state.get("format") != STATE_FORMAT:
+            raise PipelineError(f"data state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        for name, value in self._settings().items():
+            if state.get(name) != value:
+                raise PipelineError(f"data state: {name} was {state.get(name)!r}, now {value!r}; "
+                                    "a stream resumes exactly only with the same shards and settings")
+        self._position = dict(state["position"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        position = self._position
+        chunk, emitted = position["chunk"], position["emitted"]
+        start = PairCursor(**{k: position[k] for k in ("epoch", "tar", "sample", "index")})
+        pairs = self._pairs(start)
+        upcoming = next(pairs)  # read one ahead: the next chunk's start is the position after a chunk's last batch
+        rows: list[tuple[PairCursor, str, bytes, str]] = []
+        while True:
+            buffer = [upcoming, *islice(pairs, self.shuffle_buffer - 1)]
+            upcoming = next(pairs)
+            order = np.random.default_rng([self.seed, self.rank, chunk]).permutation(len(buffer))
+            for i in order[emitted:]:
+                rows.append(buffer[i])
+                emitted += 1
+                if len(rows) == self.micro_batch:
+                    if emitted < len(buffer):
+                        self._position = {"chunk": chunk, "emitted": emitted, **asdict(start)}
+                    else:
+                        self._position = {"chunk": chunk + 1, "emitted": 0, **asdict(upcoming[0])}
+                    yield self._batch(rows)
+                    rows = []
+            chunk, emitted, start = chunk + 1, 0, upcoming[0]
+
+    def _batch(self, rows: list[tuple[PairCursor, str, bytes, str]]) -> tuple[torch.Tensor, ...]:
+        pixels = []
+        for cursor, key, data, _ in rows:
+            rng = np.random.default_rng([self.seed, cursor.epoch, _key_seed(key)]) if self.augment else None
+            pixels.append(image_tensor(data, self.image_size, rng, self.crop_scale, self.hflip))
+        text = ClipBundle(None, self.tokenizer, None, self.max_text_len).tokenize([caption for *_, caption in rows])
+        return torch.from_numpy(np.stack(pixels)), text["input_ids"], text["attention_mask"]
+
+    def _pairs(self, start: PairCursor) -> Iterator[tuple[PairCursor, str, bytes, str]]:
+        """This rank's training pairs from `start` on, each with its cursor, through epoch after epoch."""
+        epoch, first_tar, skip, index = start.epoch, start.tar, start.sample, start.index
+        empty_epochs = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.tars))
+            tars = [self.shards.tars[i] for i in order]
+            shared = len(tars) < self.world_size
+            if not shared:
+                tars = tars[self.rank::self.world_size]
+            found = False
+            for t in range(first_tar, len(tars)):
+                samples = read_image_tar(tars[t])
+                for k in range(skip, len(samples)):
+                    key, data, caption = samples[k]
+                    if is_heldout(key, self.heldout_percent):
+                        continue
+                    if not shared or index % self.world_size == self.rank:
+                        found = True
+                        yield PairCursor(epoch, t, k, index), key, data, caption
+                    index += 1
+                skip = 0
+            empty_epochs = 0 if found else empty_epochs + 1
+            if empty_epochs == EMPTY_EPOCHS:
+                raise PipelineError(f"{self.shards.url}: rank {self.rank} of {self.world_size} found no training "
+                                    f"image-caption pair in {EMPTY_EPOCHS} epochs (no pairs with both .jpg and "
+                                    ".txt, all held out, or unreadable tars)")
+            epoch, first_tar, index = epoch + 1, 0, 0
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def pretrain_clip(config: ClipPretrainConfig) -> PretrainResult:
+    """Train (or continue) a CLIP-style image-text model as the config says; export and register it at the end."""
+    from pipelines.train import registry
+    from pipelines.train.data import open_shards
+
+    console = Console(quiet=config.quiet, stderr=True, soft_wrap=True)
+    if config.engine.zero_stage == 3:
+        raise PipelineError("engine.zero_stage 3 is not supported for CLIP (the loss reads the temperature "
+                            "outside the forward pass); use 0-2")
+    storage = storage_root(config.storage)
+    fs, _ = filesystem(storage)
+    given_shards = absolute(config.data.shards) if config.data.shards else None
+    config, run_name, saved = resolve_run(config, storage, fs)
+    run_dir = f"{storage}/{run_name}"
+    if saved and given_shards and given_shards != config.data.shards:
+        raise PipelineError(f"run {run_name} trains on {config.data.shards}, not {given_shards}")
+    if not config.data.shards:
+        raise PipelineError("no training shards: give --shards (a folder or URL written by `pipelines crawl "
+                            "images` or `pipelines curate`)")
+    config.data.shards = absolute(config.data.shards)
+    shards = open_shards(config.data.shards)
+    if shards.manifest.get("kind") not in (None, "images"):
+        raise PipelineError(f"{config.data.shards}: {shards.manifest.get('kind')} shards, not image shards")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    init_ray()
+    use_gpu, cpus = resources(config)
+
+    if saved is None:
+        tokenizer_dir = _prepare_tokenizer(config, shards, run_dir, console)
+    else:
+        tokenizer_dir = saved["tokenizer_dir"]
+        if saved["shards_digest"] != shards.digest:
+            raise PipelineError(f"run {run_name} was trained on shards with digest {saved['shards_digest'][:12]}; "
+                                f"{config.data.shards} now has {shards.digest[:12]}: start a new run instead")
+
+    registry.configure_tracking()
+    params = config.model_dump(mode="json")
+    with registry.training_run(config.registry.experiment, run_name, params,
+                               tags={"pipelines.stage": "pretrain-clip", "pipelines.run_dir": run_dir},
+                               run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
+        if saved is None:
+            registry.log_shards_input(config.data.shards, shards.manifest)
+        write_json(fs, f"{run_dir}/{RUN_FILE}", {
+            "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
+            "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
+        console.print(f"[bold]pretrain-clip[/bold] {run_name}: {config.model.preset} CLIP, {config.engine.workers} "
+                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
+                      f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
+        result = fit(clip_train_loop, {"config": params, "tokenizer_dir": tokenizer_dir, "shards": shards.url,
+                                       "threads": cpus, "mlflow_run_id": mlflow_run_id,
+                                       "tracking_uri": settings().mlflow_tracking_uri},
+                     config.engine, run_name, storage, use_gpu, cpus)
+        metrics = dict(result.metrics or {})
+        step = int(metrics.get("step", 0))
+        if metrics.get("stopped"):
+            console.print(f"stopped after step {step}; continue with --resume {run_name}")
+            return PretrainResult(run_name, run_dir, mlflow_run_id, step, True, metrics)
+
+        model_dir = f"{run_dir}/model"
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            export_clip(checkpoint_dir, tokenizer_dir, model_dir, config)
+        final = {k: float(v) for k, v in metrics.items() if k.startswith("heldout_") and v is not None}
+        registry.log_metrics(final, step=step)
+        registered = None
+        if config.registry.register_model:
+            if RECALL_METRIC not in final:
+                raise PipelineError("no held-out pairs to measure recall on: raise --heldout-percent "
+                                    "or --eval-batches, or pass --no-register-model")
+            with local_copy(model_dir) as local_model:
+                registered = registry.register_clip(
+                    local_model, config.registry.model_name, run_id=mlflow_run_id, metric=RECALL_METRIC,
+                    value=final[RECALL_METRIC], lineage=lineage(config.data.shards, shards.manifest, run_dir))
+        recall = final.get(RECALL_METRIC, float("nan"))
+        console.print(f"done: {step} steps, held-out image->text recall@1 {recall:.3f}; model {model_dir}"
+                      + (f"; registered {registered.uri}{' (champion)' if registered.champion else ''}"
+                         if registered else ""))
+        return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
+
+
+def _prepare_tokenizer(config: ClipPretrainConfig, shards: ShardSet, run_dir: str, console: Console) -> str:
+    """The run's tokenizer folder in storage: a copy of --tokenizer, or one trained on the training captions."""
+    from pipelines.train.data import iter_texts
+    from pipelines.train.tokenizer import load_tokenizer, train_tokenizer
+
+    target = f"{run_dir}/tokenizer"
+    with tempfile.TemporaryDirectory() as tmp:
+        if config.tokenizer.tokenizer:
+            load_tokenizer(config.tokenizer.tokenizer).save_pretrained(tmp)
+        else:
+            started = time.perf_counter()
+            captions = (text for _, text in islice(iter_texts(shards, config.data.heldout_percent, "train"),
+                                                   config.tokenizer.tokenizer_samples))
+            train_tokenizer(captions, config.tokenizer.vocab_size, tmp)
+            console.print(f"tokenizer: byte-level BPE, {config.tokenizer.vocab_size} tokens, trained on captions in "
+                          f"{time.perf_counter() - started:.1f}s")
+        fs, path = filesystem(target)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(tmp + "/", path, recursive=True)
+    return target
+
+
+# -- the workers ----------------------------------------------------------------------------------
+
+class GatherWithGrad(torch.autograd.Function):
+    """`all_gather` of every rank's rows (the same count on each) that passes gradients back: each rank's rows
+    get the sum of the gradients every rank's loss sends them (an all_reduce, which gloo and NCCL both have)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), rows.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, world: int) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over the whole batch of all ranks: pair i's image should pick caption i among
+    all captions and the reverse; the temperature is learnt (exp(logit_scale), capped at 100 as CLIP does).
+    Every rank computes the same loss; DeepSpeed's gradient averaging then gives the full-batch gradient."""
+    image = torch.nn.functional.normalize(image.float(), dim=-1)
+    text = torch.nn.functional.normalize(text.float(), dim=-1)
+    if world > 1:
+        image, text = GatherWithGrad.apply(image), GatherWithGrad.apply(text)
+    logits = logit_scale.float().exp().clamp(max=100) * image @ text.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+def clip_train_loop(args: dict[str, Any]) -> None:
+    """One Ray Train worker: the whole loop, top to bottom."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from pipelines.train.clip_model import build_clip, image_processor
+    from pipelines.train.data import open_shards
+    from pipelines.train.tokenizer import load_tokenizer
+
+    config = ClipPretrainConfig.model_validate(args["config"])
+    e, o, d = config.engine, config.optim, config.data
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(args["threads"])
+    device = ray.train.torch.get_device()
+    bf16 = e.precision == "bf16" or (e.precision == "auto" and device.type == "cuda")
+
+    with local_copy(args["tokenizer_dir"]) as tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_clip(config.model, tokenizer, e.seed)
+    # DeepSpeed's start-up broadcast views every parameter as bytes, which a 0-d tensor cannot do: the
+    # temperature trains as a 1-element vector (export_clip gives it back its shape).
+    model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms, biases, the temperature
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=(o.beta1, o.beta2), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(config, bf16, world), dist_init_required=False)
+
+    shards = open_shards(args["shards"])
+    stream = ImageCaptionStream(shards, tokenizer, image_size=config.model.image_size,
+                                max_text_len=config.model.max_text_len, micro_batch=e.micro_batch, rank=rank,
+                                world_size=world, seed=e.seed, shuffle_buffer=d.shuffle_buffer,
+                                heldout_percent=d.heldout_percent, augment=d.augment, crop_scale=d.crop_scale,
+                                hflip=d.hflip)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as c:
+            engine.load_checkpoint(c, tag=DS_TAG)
+            step = json.loads(Path(c, "state.json").read_text())["step"]
+            stream.load_state_dict(json.loads(Path(c, f"data-rank{rank}.json").read_text()))
+
+    metrics_log = MetricsLog(args) if rank == 0 else None
+    if metrics_log and checkpoint:  # a restart after a failure, or a resumed run
+        metrics_log.add(step, {"restored_from_step": step})
+        metrics_log.flush()
+    samples_per_step = world * e.micro_batch * e.grad_accum
+    batches = iter(stream)
+    engine.train()
+    stop_at = min(e.max_steps, e.stop_after or e.max_steps)
+    while step < stop_at:
+        started = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for _ in range(e.grad_accum):
+            pixels, input_ids, attention_mask = (t.to(device, non_blocking=True) for t in next(batches))
+            out = engine(input_ids=input_ids, attention_mask=attention_mask,
+                         pixel_values=pixels.to(torch.bfloat16 if bf16 else torch.float32))
+            loss = contrastive_loss(out.image_embeds, out.text_embeds, engine.module.logit_scale, world)
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        step += 1
+        loss_value = total.item() / e.grad_accum  # the same on every rank: the loss is over all ranks' pairs
+        seconds = time.perf_counter() - started
+        if metrics_log:
+            metrics_log.add(step, {"loss": loss_value, "lr": schedule.get_last_lr()[0],
+                                   "samples_per_s": samples_per_step / seconds, "step_s": seconds,
+                                   "temperature": 1 / engine.module.logit_scale.detach().float().exp().item()})
+        last = step == stop_at
+        if step % e.checkpoint_every == 0 or last:
+            report = {"step": step, "loss": loss_value, "stopped": last and step < e.max_steps}
+            if last and step == e.max_steps and rank == 0:  # parameters are whole on every rank below ZeRO-3
+                bundle = ClipBundle(engine.module, tokenizer, image_processor(config.model.image_size),
+                                    config.model.max_text_len)
+                report.update(evaluate_recall(bundle, heldout_pairs(shards, d.heldout_percent,
+                                                                    e.eval_batches * e.micro_batch)))
+                engine.train()
+            if metrics_log:
+                metrics_log.flush()
+            if world > 1:
+                dist.barrier()  # the other ranks wait for rank 0's evaluation
+            save_checkpoint(engine, stream, rank, step, report)
+    if metrics_log:
+        metrics_log.close()
+
+
+def evaluate_recall(bundle: ClipBundle, pairs: list[tuple[str, bytes, str]]) -> dict[str, float]:
+    """Recall@1/5 of the held-out pairs in both directions. The candidates are the distinct captions (pairs
+    that share a caption are one class): image->text is a hit when the image's own caption ranks in the top
+    k captions, text->image when one of the top k images carries the caption."""
+    if not pairs:
+        return {}
+    bundle.model.eval()
+    image = torch.from_numpy(bundle.embed_images([data for _, data, _ in pairs]))
+    captions = sorted({caption for *_, caption in pairs})
+    text = torch.from_numpy(bundle.embed_texts(captions))
+    truth = torch.tensor([captions.index(caption) for *_, caption in pairs])
+    similarity = image @ text.T  # [images, captions]
+    metrics = {"heldout_pairs": float(len(pairs)), "heldout_captions": float(len(captions))}
+    for k in (1, 5):
+        top_text = similarity.topk(min(k, len(captions)), dim=1).indices
+        metrics[f"heldout_i2t_recall_at_{k}"] = (top_text == truth[:, None]).any(1).float().mean().item()
+        top_images = similarity.T.topk(min(k, len(pairs)), dim=1).indices  # [captions, k]
+        hits = truth[top_images] == torch.arange(len(captions))[:, None]
+        metrics[f"heldout_t2i_recall_at_{k}"] = hits.any(1).float().mean().item()
+    return metrics
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+def export_clip(checkpoint_dir: str, tokenizer_dir: str, model_dir: str, config: ClipPretrainConfig) -> None:
+    """The last checkpoint as a `ClipBundle` folder (fp32 safetensors, config, tokenizer, image processor)
+    that `load_clip` loads."""
+    from pipelines.train.clip_model import build_clip, image_processor
+    from pipelines.train.tokenizer import load_tokenizer
+
+    with local_copy(tokenizer_dir) as local_tokenizer, tempfile.TemporaryDirectory() as out:
+        tokenizer = load_tokenizer(local_tokenizer)
+        model = build_clip(config.model, tokenizer)
+        state = checkpoint_state(checkpoint_dir)
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {checkpoint_dir} does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        ClipBundle(model, tokenizer, image_processor(config.model.image_size), config.model.max_text_len).save(out)
+        fs, path = filesystem(model_dir)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        fs.put(out + "/", path, recursive=True)

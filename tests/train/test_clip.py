@@ -1,0 +1,186 @@
+"""`pipelines pretrain-clip` end to end on CPU: real Ray Train workers, real DeepSpeed (gloo), real MLflow on a
+SQLite file, image shards written by the crawler's shard writer: coloured shapes captioned by what they show."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image, ImageDraw
+
+from pipelines.ingest.images import METADATA_SCHEMA
+from pipelines.ingest.shards import ShardOutput, metadata_table, shard_stats, write_manifest, write_shard
+from pipelines.train.clip import ClipPretrainConfig, ImageCaptionStream, image_tensor, pretrain_clip, read_image_tar
+from pipelines.train.data import open_shards
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30)}
+SHAPES = ["circle", "square", "triangle"]
+CAPTIONS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 48) -> bytes:
+    """A JPEG of one shape at a random place and size on a grey background."""
+    image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(90, 160, 3)))
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+    pen, fill = ImageDraw.Draw(image), COLOURS[colour]
+    if shape == "circle":
+        pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_shape_shards(url: str, count: int, per_shard: int, seed: int = 0) -> None:
+    """`count` captioned shapes as image shards at `url`, through the crawler's own writer."""
+    rng = np.random.default_rng(seed)
+    out = ShardOutput(url)
+    stats = []
+    for sid, start in enumerate(range(0, count, per_shard)):
+        keys = [f"{sid:05d}{i:04d}" for i in range(min(per_shard, count - start))]
+        captions = [CAPTIONS[int(rng.integers(len(CAPTIONS)))] for _ in keys]
+        samples = [(k, {"jpg": draw(*c.split()[1:], rng), "txt": c.encode(), "json": b"{}"})
+                   for k, c in zip(keys, captions, strict=True)]
+        metas = [{"key": k, "caption": c, "status": "success"} for k, c in zip(keys, captions, strict=True)]
+        stats.append(write_shard(out, sid, samples, metadata_table(metas, METADATA_SCHEMA),
+                                 shard_stats("digest", metas, time.time())))
+    write_manifest(out, "images", {}, "digest", stats, {})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("shapes") / "shards")
+    write_shape_shards(url, count=960, per_shard=240)
+    return url
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def tiny_config(tmp_path: Path, shards: str, **engine: Any) -> ClipPretrainConfig:
+    return ClipPretrainConfig.model_validate({
+        "model": {"preset": "tiny", "image_size": 32, "patch_size": 8, "max_text_len": 8},
+        "tokenizer": {"vocab_size": 300},
+        "data": {"shards": shards, "shuffle_buffer": 64, "heldout_percent": 10, "crop_scale": 0.7},
+        "optim": {"lr": 2e-3, "warmup_steps": 10},
+        "engine": {"workers": 2, "zero_stage": 2, "micro_batch": 32, "max_steps": 150, "checkpoint_every": 50,
+                   "eval_batches": 4, **engine},
+        "registry": {"experiment": "test-clip", "model_name": "tiny-clip"},
+        "storage": str(tmp_path / "runs"), "quiet": True})
+
+
+def test_stream_is_deterministic_resumable_and_augments(shards: str, tmp_path: Path) -> None:
+    from pipelines.train.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(CAPTIONS, 300, str(tmp_path / "tok"))
+    options = dict(image_size=32, max_text_len=8, micro_batch=8, world_size=1, seed=3, shuffle_buffer=16,
+                   heldout_percent=10)
+    stream = ImageCaptionStream(open_shards(shards), tokenizer, rank=0, **options)
+    batches = iter(stream)
+    first = [next(batches) for _ in range(3)]
+    state = stream.state_dict()
+    after = [next(batches) for _ in range(2)]
+
+    again = ImageCaptionStream(open_shards(shards), tokenizer, rank=0, **options)
+    again.load_state_dict(state)
+    resumed = iter(again)
+    for expected in after:
+        for a, b in zip(next(resumed), expected, strict=True):
+            assert (a == b).all()
+    pixels, ids, mask = first[0]
+    assert pixels.shape == (8, 3, 32, 32) and ids.shape == mask.shape == (8, 8)
+    data = read_image_tar(open_shards(shards).tars[0])[0][1]
+    plain = image_tensor(data, 32)
+    crops = [image_tensor(data, 32, np.random.default_rng(seed), 0.5, True) for seed in (1, 1, 2)]
+    assert plain.shape == crops[0].shape == (3, 32, 32)
+    assert (crops[0] == crops[1]).all() and not (crops[0] == crops[2]).all() and not (crops[0] == plain).all()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_workers_learn_shapes_register_and_embed(tmp_path: Path, shards: str, tracking: MlflowClient) -> None:
+    from pipelines.train.clip_model import load_clip
+
+    result = pretrain_clip(tiny_config(tmp_path, shards))
+
+    assert not result.stopped and result.steps == 150
+    run = tracking.get_run(result.mlflow_run_id)
+    metrics = run.data.metrics
+    assert {"loss", "samples_per_s", "temperature", "heldout_t2i_recall_at_5"} <= set(metrics)
+    assert metrics["heldout_captions"] == len(CAPTIONS)
+    assert metrics["heldout_i2t_recall_at_1"] >= 3 / len(CAPTIONS), metrics  # chance: 1/12
+    assert metrics["heldout_i2t_recall_at_5"] > metrics["heldout_i2t_recall_at_1"] - 1e-9
+    assert result.registered.champion
+    assert str(tracking.get_model_version_by_alias("tiny-clip", "candidate").version) == "1"
+
+    bundle = load_clip("models:/tiny-clip@champion")
+    rng = np.random.default_rng(99)
+    truth = [CAPTIONS[i % len(CAPTIONS)] for i in range(48)]
+    images = bundle.embed_images([draw(*c.split()[1:], rng) for c in truth])
+    texts = bundle.embed_texts(CAPTIONS)
+    assert images.shape == (48, 64) and np.allclose(np.linalg.norm(texts, axis=1), 1, atol=1e-4)
+    hits = np.mean([CAPTIONS[j] == c for j, c in zip((images @ texts.T).argmax(1), truth, strict=True)])
+    assert hits >= 3 / len(CAPTIONS), hits
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_stop_and_resume_equals_a_straight_run(tmp_path: Path, shards: str, tracking: MlflowClient) -> None:
+    def config(path: Path, **engine: Any) -> ClipPretrainConfig:
+        c = tiny_config(path, shards, workers=1, max_steps=12, checkpoint_every=4, **engine)
+        c.registry.register_model = False
+        return c
+
+    straight = pretrain_clip(config(tmp_path / "a").model_copy(update={"run_name": "straight"}))
+    stopped = pretrain_clip(config(tmp_path / "b", stop_after=6).model_copy(update={"run_name": "interrupted"}))
+    assert stopped.stopped and stopped.steps == 6
+    resumed = pretrain_clip(config(tmp_path / "b").model_copy(update={"resume": "interrupted"}))
+
+    assert resumed.mlflow_run_id == stopped.mlflow_run_id and resumed.steps == 12
+    a = {m.step: m.value for m in tracking.get_metric_history(straight.mlflow_run_id, "loss")}
+    b = {m.step: m.value for m in tracking.get_metric_history(resumed.mlflow_run_id, "loss")}
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=0, atol=1e-5)
+    assert resumed.metrics["heldout_i2t_recall_at_1"] == pytest.approx(straight.metrics["heldout_i2t_recall_at_1"])
+
+
+def test_shipped_config_loads_and_partial_sections_keep_clip_defaults(tmp_path: Path) -> None:
+    from pipelines.config import load_config
+
+    shipped = load_config(ClipPretrainConfig, Path(__file__).parents[2] / "configs/pretrain/clip-tiny.yaml")
+    assert shipped.model.image_size == 64 and shipped.registry.model_name == "clip-tiny"
+    (tmp_path / "c.yaml").write_text("engine:\n  workers: 2\n")
+    config = load_config(ClipPretrainConfig, tmp_path / "c.yaml")
+    assert config.engine.workers == 2 and config.engine.micro_batch == 64 and config.optim.beta2 == 0.98
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--zero-stage", "3"], "zero_stage 3"),
+    (["--preset", "huge"], "model.preset"),
+    ([], "--shards"),
+])
+def test_bad_config_is_one_line_before_any_worker(tmp_path: Path, args: list[str], expected: str) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    run = CliRunner().invoke(app, ["pretrain-clip", "--storage", str(tmp_path / "runs"), "--quiet", *args])
+
+    assert run.exit_code == 2, run.output
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], run.stderr
