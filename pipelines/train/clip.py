@@ -36,9 +36,10 @@ from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
 from pipelines.train.config import EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig, TrainRunConfig
 from pipelines.train.data import ShardSet, is_heldout
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, PretrainResult, absolute, checkpoint_state,
-                                      deepspeed_config, fit, local_copy, lineage, lr_lambda, resolve_run,
-                                      resources, save_checkpoint, storage_root, write_json, zero_label)
+from pipelines.train.pretrain import (DS_TAG, MetricsLog, PretrainResult, absolute, checkpoint_state,
+                                      deepspeed_config, fit, local_copy, lineage, lr_lambda, record_run,
+                                      resolve_run, resources, run_tokenizer, save_checkpoint, storage_root,
+                                      zero_label)
 
 log = logging.getLogger(__name__)
 
@@ -270,24 +271,15 @@ def pretrain_clip(config: ClipPretrainConfig) -> PretrainResult:
     init_ray()
     use_gpu, cpus = resources(config)
 
-    if saved is None:
-        tokenizer_dir = _prepare_tokenizer(config, shards, run_dir, console)
-    else:
-        tokenizer_dir = saved["tokenizer_dir"]
-        if saved["shards_digest"] != shards.digest:
-            raise PipelineError(f"run {run_name} was trained on shards with digest {saved['shards_digest'][:12]}; "
-                                f"{config.data.shards} now has {shards.digest[:12]}: start a new run instead")
+    tokenizer_dir = run_tokenizer(saved, shards, run_name,
+                                  lambda: _prepare_tokenizer(config, shards, run_dir, console))
 
     registry.configure_tracking()
     params = config.model_dump(mode="json")
     with registry.training_run(config.registry.experiment, run_name, params,
                                tags={"pipelines.stage": "pretrain-clip", "pipelines.run_dir": run_dir},
                                run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
-        if saved is None:
-            registry.log_shards_input(config.data.shards, shards.manifest)
-        write_json(fs, f"{run_dir}/{RUN_FILE}", {
-            "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
-            "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
+        record_run(fs, run_dir, saved, params, mlflow_run_id, shards, tokenizer_dir, config.engine.workers)
         console.print(f"[bold]pretrain-clip[/bold] {run_name}: {config.model.preset} CLIP, {config.engine.workers} "
                       f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
                       f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")

@@ -74,24 +74,15 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     init_ray()
     use_gpu, cpus = resources(config)
 
-    if saved is None:
-        tokenizer_dir = _prepare_tokenizer(config, shards, run_dir, console)
-    else:
-        tokenizer_dir = saved["tokenizer_dir"]
-        if saved["shards_digest"] != shards.digest:
-            raise PipelineError(f"run {run_name} was trained on shards with digest {saved['shards_digest'][:12]}; "
-                                f"{config.data.shards} now has {shards.digest[:12]}: start a new run instead")
+    tokenizer_dir = run_tokenizer(saved, shards, run_name,
+                                  lambda: _prepare_tokenizer(config, shards, run_dir, console))
 
     registry.configure_tracking()
     params = config.model_dump(mode="json")
     with registry.training_run(config.registry.experiment, run_name, params,
                                tags={"pipelines.stage": "pretrain", "pipelines.run_dir": run_dir},
                                run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
-        if saved is None:
-            registry.log_shards_input(config.data.shards, shards.manifest)
-        write_json(fs, f"{run_dir}/{RUN_FILE}", {
-            "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
-            "tokenizer_dir": tokenizer_dir, "workers": config.engine.workers})
+        record_run(fs, run_dir, saved, params, mlflow_run_id, shards, tokenizer_dir, config.engine.workers)
         console.print(f"[bold]pretrain[/bold] {run_name}: {config.model.preset} model, {config.engine.workers} "
                       f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
                       f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
@@ -124,6 +115,28 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                       f"model {model_dir}" + (f"; registered {registered.uri}"
                                               f"{' (champion)' if registered.champion else ''}" if registered else ""))
         return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
+
+
+def run_tokenizer(saved: dict | None, shards: Any, run_name: str, prepare: Any) -> str:
+    """The run's tokenizer: `prepare()`d for a new run; a resumed run's own, when its shards are unchanged."""
+    if saved is None:
+        return prepare()
+    if saved["shards_digest"] != shards.digest:
+        raise PipelineError(f"run {run_name} was trained on shards with digest {saved['shards_digest'][:12]}; "
+                            f"{shards.url} now has {shards.digest[:12]}: start a new run instead")
+    return saved["tokenizer_dir"]
+
+
+def record_run(fs: Any, run_dir: str, saved: dict | None, params: dict[str, Any], mlflow_run_id: str, shards: Any,
+               tokenizer_dir: str, workers: int) -> None:
+    """The shards as the MLflow run's input (once), and the run's record that a resume reads."""
+    from pipelines.train import registry
+
+    if saved is None:
+        registry.log_shards_input(shards.url, shards.manifest)
+    write_json(fs, f"{run_dir}/{RUN_FILE}", {
+        "config": params, "mlflow_run_id": mlflow_run_id, "shards_digest": shards.digest,
+        "tokenizer_dir": tokenizer_dir, "workers": workers})
 
 
 def lineage(url: str, manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
