@@ -1,4 +1,4 @@
-"""CLIP training-loop overhead: `pipelines pretrain-clip` (Ray Train + DeepSpeed) vs a bare PyTorch loop, same
+"""CLIP training-loop overhead: `pipelines pretrain --kind clip` (Ray Train + DeepSpeed) vs a bare PyTorch loop, same
 model, same batches, same machine.
 
     .venv/bin/python benchmarks/clip_train.py [--images 2000] [--image-size 64] [--micro-batch 64] [--steps 100]
@@ -15,13 +15,18 @@ What it does:
        micro-batches from an `ImageCaptionStream` over the same shards (JPEG decode, random crop, flip and
        tokenization in the loop, as ours does); the same `contrastive_loss`; clip_grad_norm_ to the same
        grad_clip; one `loss.item()` per step; torch threads = --cpus.
-     - ours: `pipelines pretrain-clip --workers 1 --cpus-per-worker C --tokenizer ... --max-failures 0
+     - bare in Ray Train: the same plain loop as the function of a one-worker `TorchTrainer` on a local Ray
+       started as ours starts it (--cpus CPUs for the worker): Ray's and Ray Train's share, without DeepSpeed,
+       MLflow or checkpoints.
+     - ours: `pipelines pretrain --kind clip --workers 1 --cpus-per-worker C --tokenizer ... --max-failures 0
        --no-register-model --quiet`, otherwise its defaults (metrics to MLflow every step, checkpoints, held-out
        recall and export at the end), MLflow in WORKDIR/mlflow.db.
   3. Per run, over the steps after --warmup: step samples/s = median of the per-step samples/s (both loops time
      a step from fetching the micro-batch to `loss.item()`); span samples/s = the measured steps' samples / the
      time from the end of step --warmup to the end of the last step (everything between steps included: ours'
-     MLflow batches and checkpoints). Medians over the rounds; overhead = 1 - ours / bare.
+     MLflow batches and checkpoints). Medians over the rounds; overhead = 1 - loop / bare, of the medians and
+     as the median of each round's own ratio (a round's runs are closest in time).
+  4. This is a VM: each run's steal time (CPU time the hypervisor gave other guests, /proc/stat) is recorded.
 Prints a markdown table and writes all figures to WORKDIR/results.json.
 """
 import argparse
@@ -111,17 +116,43 @@ def bare(args: argparse.Namespace) -> None:
         json.dump({"step_s": step_s, "ends": ends, "final_loss": losses[-1]}, f)
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks since boot, from /proc/stat: on a VM, steal is time the hypervisor gave to
+    other guests, which slows whichever loop is running and is no overhead of ours."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[7], sum(values[:8])
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return 100 * (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 def figures(step_s: list[float], ends: list[float], samples: int, warmup: int) -> dict:
     measured = step_s[warmup:]
     return {"step_samples_per_s": statistics.median(samples / s for s in measured),
             "span_samples_per_s": samples * (len(ends) - warmup) / (ends[-1] - ends[warmup - 1])}
 
 
-def run_bare(args: argparse.Namespace, config: dict, i: int) -> dict:
+def bare_in_ray_train(args: argparse.Namespace) -> None:
+    """The same plain loop, run as the function of a one-worker Ray Train `TorchTrainer` (a local Ray started
+    as ours starts it): what Ray and Ray Train cost before any DeepSpeed, metrics or checkpoints of ours."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import init_ray
+
+    init_ray()
+    scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cpus})
+    TorchTrainer(lambda: bare(args), scaling_config=scaling,
+                 run_config=RunConfig(storage_path=os.path.join(args.workdir, "ray-train"))).fit()
+
+
+def run_bare(args: argparse.Namespace, config: dict, i: int, in_ray_train: bool = False) -> dict:
     out = os.path.join(args.workdir, f"bare-{i}.json")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.cpus))
-    subprocess.run([sys.executable, __file__, "--bare", "--config", json.dumps(config), "--out", out,
-                    "--cpus", str(args.cpus)], check=True, env=env, cwd=REPO)
+    subprocess.run([sys.executable, __file__, "--bare-in-ray-train" if in_ray_train else "--bare", "--config",
+                    json.dumps(config), "--out", out, "--cpus", str(args.cpus)], check=True, env=env, cwd=REPO)
     data = json.load(open(out))
     return {**figures(data["step_s"], data["ends"], args.micro_batch, args.warmup), "final_loss": data["final_loss"]}
 
@@ -131,7 +162,7 @@ def run_ours(args: argparse.Namespace, shards: str, tokenizer: str, i: int) -> d
 
     uri = f"sqlite:///{os.path.join(args.workdir, 'mlflow.db')}"
     storage, name = os.path.join(args.workdir, "runs"), f"ours-{time.strftime('%H%M%S')}-{i}"
-    cmd = [OURS_BIN, "pretrain-clip", "--shards", shards, "--tokenizer", tokenizer, "--workers", "1",
+    cmd = [OURS_BIN, "pretrain", "--kind", "clip", "--shards", shards, "--tokenizer", tokenizer, "--workers", "1",
            "--cpus-per-worker", str(args.cpus), "--image-size", str(args.image_size), "--patch-size", "8",
            "--max-text-len", "16", "--micro-batch", str(args.micro_batch), "--max-steps", str(args.steps),
            "--seed", str(SEED), "--max-failures", "0", "--no-register-model", "--quiet", "--storage", storage,
@@ -156,34 +187,47 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", default=os.path.join(REPO, ".bench", "clip"))
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-in-ray-train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
         return bare(args)
+    if args.bare_in_ray_train:
+        return bare_in_ray_train(args)
 
     os.makedirs(args.workdir, exist_ok=True)
     shards, tokenizer = make_workload(args.workdir, args.images)
     config = config_for(args, shards, tokenizer)
-    results: dict[str, list[dict]] = {"bare": [], "ours": []}
-    for i in range(args.runs):
-        for loop in (["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]):
-            load_before = os.getloadavg()[0]
-            figures_ = run_bare(args, config, i) if loop == "bare" else run_ours(args, shards, tokenizer, i)
+    loops = ["bare", "bare in Ray Train", "ours"]
+    results: dict[str, list[dict]] = {loop: [] for loop in loops}
+    for attempt in range(args.runs):
+        for loop in loops[attempt % 3:] + loops[:attempt % 3]:
+            load_before, ticks_before = os.getloadavg()[0], cpu_ticks()
+            if loop == "ours":
+                figures_ = run_ours(args, shards, tokenizer, attempt)
+            else:
+                figures_ = run_bare(args, config, attempt, in_ray_train=loop != "bare")
             figures_["load_1min"] = [load_before, os.getloadavg()[0]]  # other work on the machine shows here
+            figures_["steal_pct"] = steal_pct(ticks_before, cpu_ticks())  # and the hypervisor's other guests here
             results[loop].append(figures_)
-            print(f"round {i + 1} {loop}: {figures_['step_samples_per_s']:.0f} samples/s per step, "
+            print(f"round {attempt + 1} {loop}: {figures_['step_samples_per_s']:.0f} samples/s per step, "
                   f"{figures_['span_samples_per_s']:.0f} over the span, final loss {figures_['final_loss']:.4f} "
-                  f"(load {figures_['load_1min'][0]:.1f} -> {figures_['load_1min'][1]:.1f})", flush=True)
-    keys = ("step_samples_per_s", "span_samples_per_s", "final_loss")
+                  f"(load {figures_['load_1min'][0]:.1f} -> {figures_['load_1min'][1]:.1f}, "
+                  f"steal {figures_['steal_pct']:.1f}%)", flush=True)
+    keys = ("step_samples_per_s", "span_samples_per_s", "final_loss", "steal_pct")
     medians = {loop: {k: statistics.median(r[k] for r in runs) for k in keys} for loop, runs in results.items()}
     print(f"\nCLIP tiny, {args.image_size}px, micro-batch {args.micro_batch}, {args.steps} steps (first "
-          f"{args.warmup} not measured), {args.cpus} CPU threads, median of {args.runs} runs\n")
-    print("| loop | step samples/s | span samples/s | final loss |\n|---|---:|---:|---:|")
+          f"{args.warmup} not measured), {args.cpus} CPU threads, median of {args.runs} rounds\n")
+    print("| loop | step samples/s | span samples/s | final loss | steal |\n|---|---:|---:|---:|---:|")
     for loop, m in medians.items():
-        print(f"| {loop} | {m['step_samples_per_s']:.0f} | {m['span_samples_per_s']:.0f} | {m['final_loss']:.4f} |")
-    for k in ("step_samples_per_s", "span_samples_per_s"):
-        print(f"overhead ({k.split('_')[0]}): {1 - medians['ours'][k] / medians['bare'][k]:.1%}")
+        print(f"| {loop} | {m['step_samples_per_s']:.0f} | {m['span_samples_per_s']:.0f} | {m['final_loss']:.4f} "
+              f"| {m['steal_pct']:.1f}% |")
+    for loop in loops[1:]:
+        for k in ("step_samples_per_s", "span_samples_per_s"):
+            paired = statistics.median(o[k] / b[k] for o, b in zip(results[loop], results["bare"], strict=True))
+            print(f"{loop} vs bare, overhead ({k.split('_')[0]}): {1 - medians[loop][k] / medians['bare'][k]:.1%} of "
+                  f"the medians, {1 - paired:.1%} median of the rounds' own ratios")
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "runs": results, "medians": medians}, f, indent=2)
 

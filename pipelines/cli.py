@@ -44,8 +44,13 @@ def exit_nonzero_on_failure(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
 crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_failure(crawl_images)))
 crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
 app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curate)))
-app.command("pretrain")(config_command(PretrainConfig, pretrain))
-app.command("pretrain-clip")(config_command(ClipPretrainConfig, pretrain_clip))
+pretrain_command = config_command(PretrainConfig, pretrain, (ClipPretrainConfig, pretrain_clip))
+pretrain_command.__doc__ = """Pretrain a model with DeepSpeed on Ray Train, export it and register it in MLflow:
+a causal LM on text shards, or with `kind: clip` (in the config file, or --kind clip) a CLIP-style image-text
+model on caption-image shards. Options marked (lm only) or (clip only) belong to one kind."""
+app.command("pretrain")(pretrain_command)
+app.command("pretrain-clip", help="`pipelines pretrain --kind clip`: " + (pretrain_clip.__doc__ or ""))(
+    config_command(ClipPretrainConfig, pretrain_clip))
 app.command("serve")(config_command(ServeConfig, serve_model))
 app.command("finetune")(config_command(FinetuneConfig, finetune))
 
@@ -60,7 +65,7 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "finetune", "deploy"]
+FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "pretrain-clip", "finetune", "deploy"]
 
 
 @app.command("flow")
@@ -77,7 +82,7 @@ def run_flow(
 
     import yaml
 
-    from pipelines.config import load_config
+    from pipelines.config import config_kind, load_config
 
     if name not in FLOW_NAMES:
         Console(stderr=True).print(f"[red]error:[/red] no flow {name!r}; flows: {', '.join(FLOW_NAMES)}")
@@ -91,6 +96,8 @@ def run_flow(
             overrides[tuple(key.split("."))] = yaml.safe_load(value)
         from pipelines.flows import FLOWS, summary_table
 
+        if name == "pretrain" and config_kind(config, overrides) == "clip":  # as `pipelines pretrain` does
+            name = "pretrain-clip"
         model, flow = FLOWS[name]
         result = flow(config=load_config(model, config, overrides))
     outcomes = {result["stage"]: result} if "stage" in result else result

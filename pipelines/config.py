@@ -75,22 +75,31 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"invalid config ({source}): " + "; ".join(parts)
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML config file (empty for an empty file); a PipelineError for anything else."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise PipelineError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"config {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise PipelineError(f"config {path} must be a mapping at the top level")
+    return loaded or {}
+
+
+def config_kind(path: str | Path | None, overrides: dict[tuple[str, ...], Any] | None = None) -> str | None:
+    """The `kind` a config asks for (`kind: clip`): from the overrides, else from the file, else None."""
+    given = (overrides or {}).get(("kind",))
+    if given is None and path:
+        given = read_config_file(path).get("kind")
+    return None if given is None else str(given)
+
+
 def load_config(model: type[ConfigModel], path: str | Path | None = None,
                 overrides: dict[tuple[str, ...], Any] | None = None) -> Any:
     """Build `model` from an optional YAML file, then apply `overrides` keyed by field path."""
-    data: dict[str, Any] = {}
-    source = "command line"
-    if path:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise PipelineError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"config {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise PipelineError(f"config {path} must be a mapping at the top level")
-        data = loaded or {}
+    data = read_config_file(path) if path else {}
     for key_path, value in (overrides or {}).items():
         node = data
         for key in key_path[:-1]:
@@ -99,7 +108,7 @@ def load_config(model: type[ConfigModel], path: str | Path | None = None,
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise PipelineError(_format_validation_error(exc, source)) from exc
+        raise PipelineError(_format_validation_error(exc, str(path) if path else "command line")) from exc
 
 
 def _with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
@@ -130,41 +139,92 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
     return str, ""
 
 
-def config_command(model: type[ConfigModel], run: Callable[[Any], Any]) -> Callable[..., Any]:
+def kind_of(model: type[BaseModel]) -> str | None:
+    """The value of a config model's `kind` field (`Literal["clip"]`), None when it has none."""
+    field = model.model_fields.get("kind")
+    return None if field is None else field.default
+
+
+def _merged(per_kind: dict[Any, str]) -> str:
+    """One help fragment from each config's own: the text when they agree, else `lm: ...; clip: ...`."""
+    texts = set(per_kind.values())
+    if len(texts) == 1:
+        return texts.pop()
+    return "; ".join(f"{kind}: {text}" for kind, text in per_kind.items() if text)
+
+
+def config_command(model: type[ConfigModel], run: Callable[[Any], Any],
+                   *others: tuple[type[ConfigModel], Callable[[Any], Any]]) -> Callable[..., Any]:
     """Wrap `run(config)` into a typer command whose options are the fields of `model`.
 
     `--config FILE.yaml` loads a file; each option given on the command line overrides it. A
     PipelineError (bad config or input) is printed as one line and exits with code 2.
+
+    With `others`, one command runs several configs told apart by their `kind` field (`kind: clip` in
+    the file, or `--kind clip`; the first config when neither says): the options are all the configs'
+    fields, a field the chosen config lacks is refused, and each runs with its own `run`.
     """
+    variants = {kind_of(m): (m, r) for m, r in [(model, run), *others]}
+    if len(variants) != 1 + len(others):
+        raise TypeError("configs of one command need distinct `kind`s")
+    kinds = list(variants)
+    # parameter name -> kind -> (path, field); one option per name, the same path in every config
+    options: dict[str, dict[str | None, tuple[tuple[str, ...], Any]]] = {}
+    flags: dict[str, str] = {}
+    for kind, (m, _) in variants.items():
+        for path, field in leaf_fields(m):
+            if (field.json_schema_extra or {}).get("cli") is False:  # set in the YAML file only
+                continue
+            name, flag = "__".join(path), path[-1].replace("_", "-")
+            if flags.setdefault(flag, name) != name:
+                raise TypeError(f"option --{flag} is ambiguous: {flags[flag]} and {name}")
+            options.setdefault(name, {})[kind] = (path, field)
+
     params = [inspect.Parameter(
         "config", inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[Path],
         default=typer.Option(None, "--config", "-c", help="YAML file with any of the options below."))]
-    seen: dict[str, tuple[str, ...]] = {}
-    for path, field in leaf_fields(model):
-        if (field.json_schema_extra or {}).get("cli") is False:  # set in the YAML file only
-            continue
+    for name, per_kind in options.items():
+        path = next(iter(per_kind.values()))[0]
+        cli_types, texts, defaults = set(), {}, {}
+        for kind, (_, field) in per_kind.items():
+            cli_type, hint = _cli_type(field.annotation)
+            if path == ("kind",):
+                hint = "one of: " + ", ".join(map(str, kinds))
+            cli_types.add(cli_type)
+            texts[kind] = " ".join(filter(None, [field.description, hint]))
+            defaults[kind] = repr(default_at(variants[kind][0], path))
+        cli_type = cli_types.pop() if len(cli_types) == 1 else str
+        only = f"({', '.join(map(str, per_kind))} only) " if len(per_kind) < len(variants) else ""
+        required = all(field.is_required() for _, field in per_kind.values())
+        if path == ("kind",):  # the first config's, the one a file without `kind` gets
+            defaults = {kinds[0]: defaults[kinds[0]]}
+        default_shown = "" if required else escape(f" [default: {_merged(defaults)}]")
+        help_text = only + _merged(texts) + default_shown
         flag = path[-1].replace("_", "-")
-        if flag in seen:
-            raise TypeError(f"option --{flag} is ambiguous: {seen[flag]} and {path}")
-        seen[flag] = path
-        cli_type, hint = _cli_type(field.annotation)
-        default_shown = "" if field.is_required() else escape(f" [default: {default_at(model, path)!r}]")
-        help_text = " ".join(filter(None, [field.description, hint])) + default_shown
         decls = [f"--{flag}/--no-{flag}"] if cli_type is bool else [f"--{flag}"]
         params.append(inspect.Parameter(
-            "__".join(path), inspect.Parameter.KEYWORD_ONLY,
-            annotation=typing.Optional[cli_type],
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[cli_type],
             default=typer.Option(None, *decls, help=help_text, show_default=False)))
+
+    flags_of = {name: flag for flag, name in flags.items()}
 
     def command(**kwargs: Any) -> Any:
         path = kwargs.pop("config")
-        overrides = {}
-        for name, value in kwargs.items():
-            if value is None or value == []:
-                continue
-            overrides[tuple(name.split("__"))] = None if value == "" else value
+        given = {name: value for name, value in kwargs.items() if value is not None and value != []}
         try:
-            return run(load_config(model, path, overrides))
+            kind = kinds[0]
+            if len(variants) > 1:
+                kind = config_kind(path, {("kind",): given.get("kind")}) or kinds[0]
+                if kind not in variants:
+                    raise PipelineError(f"kind {kind!r}: expected one of {', '.join(map(str, kinds))}")
+            config_model, run_config = variants[kind]
+            overrides = {}
+            for name, value in given.items():
+                if kind not in options[name]:
+                    raise PipelineError(f"--{flags_of[name]} is not an option of a {kind} config "
+                                        f"(it is one of {', '.join(map(str, options[name]))})")
+                overrides[options[name][kind][0]] = None if value == "" else value
+            return run_config(load_config(config_model, path, overrides))
         except PipelineError as exc:  # a user mistake: one line, no traceback
             Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None

@@ -159,6 +159,9 @@ def main() -> int:
     console.print(f"endpoint (up while the demo ran): {deployed.get('url')}/v1, model {deployed.get('model')!r}")
     console.print(f"answer: {deployed.get('answer')!r}")
     console.print(f"serve it again: pipelines serve --model {lm}" + (f" --adapter {chat}" if chat else ""))
+    clip = outcomes.get("pretrain-clip", {}).get("result", {}).get("model_uri")
+    if clip:
+        console.print(f"the CLIP model (embeddings, image-caption similarity): pipelines serve --model {clip}")
     console.print(f"browse the Prefect and MLflow records: make ui (Prefect http://127.0.0.1:4200, "
                   f"MLflow {mlflow_ui_url()})")
     console.print("[green]demo finished[/green]")

@@ -68,6 +68,8 @@ DEPLOYMENTS = [
                    "input": f"{FLOWS_HOME}/shards/text", "output": f"{FLOWS_HOME}/curated/text"}),
     Deployment("pretrain", "demo", "Pretrain the demo's tiny LM on the curated pages; register demo-lm.",
                config="flows/demo.yaml", section="pretrain", overrides={"data.shards": f"{FLOWS_HOME}/curated/text"}),
+    Deployment("pretrain-clip", "demo", "Pretrain the demo's tiny CLIP on the curated photos; register demo-clip.",
+               config="flows/demo.yaml", section="clip", overrides={"data.shards": f"{FLOWS_HOME}/curated/images"}),
     Deployment("finetune", "demo", "LoRA fine-tune demo-lm's champion on the demo's examples; register demo-chat.",
                config="flows/weekly-finetune.yaml"),
     Deployment("deploy", "demo", "Serve demo-lm with the demo-chat adapter and send one request.", overrides={

@@ -46,6 +46,7 @@ from pipelines.ingest.images import ImageCrawlConfig, crawl_images  # noqa: E402
 from pipelines.ingest.text import TextCrawlConfig, crawl_text  # noqa: E402
 from pipelines.runtime import code_version, failpoint, filesystem, init_ray, settings, worker_logs_to  # noqa: E402
 from pipelines.serve.config import ServeConfig  # noqa: E402
+from pipelines.train.clip import ClipPretrainConfig  # noqa: E402
 from pipelines.train.config import PretrainConfig  # noqa: E402
 from pipelines.train.finetune import FinetuneConfig  # noqa: E402
 
@@ -60,6 +61,7 @@ class StageIncomplete(RuntimeError):
 # The source each stage's output depends on, besides the shared modules: its packages, and this file.
 STAGE_CODE = {"crawl-images": ("ingest", "flows.py"), "crawl-text": ("ingest", "flows.py"),
               "curate": ("curate", "ingest", "flows.py"), "pretrain": ("train", "flows.py"),
+              "pretrain-clip": ("train", "flows.py"),
               "finetune": ("train", "ingest", "flows.py")}
 
 
@@ -247,6 +249,19 @@ def pretrain_task(config: PretrainConfig, inputs: str) -> dict[str, Any]:
     return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
 
 
+@task(name="pretrain-clip", **STAGE_TASK)
+def pretrain_clip_task(config: ClipPretrainConfig, inputs: str) -> dict[str, Any]:
+    """`pipelines pretrain --kind clip`."""
+    from pipelines.train.clip import pretrain_clip
+
+    result, out = _train("pretrain-clip", pretrain_clip, config, CLIP_FIGURES)
+    return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
+
+
+CLIP_FIGURES = ("loss", "heldout_i2t_recall_at_1", "heldout_t2i_recall_at_1", "heldout_i2t_recall_at_5",
+                "heldout_t2i_recall_at_5")
+
+
 @task(name="finetune", **STAGE_TASK)
 def finetune_task(config: FinetuneConfig, inputs: str) -> dict[str, Any]:
     """`pipelines finetune`."""
@@ -383,11 +398,22 @@ def curate_flow(config: CurateConfig) -> dict[str, Any]:
 @_flow_logs
 def pretrain_flow(config: PretrainConfig) -> dict[str, Any]:
     """Pretrain a causal LM on (curated) text shards with DeepSpeed on Ray Train; register it in MLflow."""
+    return _pretraining("pretrain", pretrain_task, config)
+
+
+def _pretraining(stage: str, task_fn: Any, config: PretrainConfig | ClipPretrainConfig) -> dict[str, Any]:
     if not config.data.shards:
-        raise PipelineError("pretrain: set data.shards")
+        raise PipelineError(f"{stage}: set data.shards")
     init_ray()
-    stage = Stage(pretrain_task, config, content_digest(config.data.shards), _model_still_there("model_uri"))
-    return _outcome("pretrain", *stage.settle())
+    return _outcome(stage, *Stage(task_fn, config, content_digest(config.data.shards),
+                                  _model_still_there("model_uri")).settle())
+
+
+@flow(name="pretrain-clip", log_prints=True)
+@_flow_logs
+def pretrain_clip_flow(config: ClipPretrainConfig) -> dict[str, Any]:
+    """Pretrain a CLIP-style image-text model on (curated) caption-image shards; register it in MLflow."""
+    return _pretraining("pretrain-clip", pretrain_clip_task, config)
 
 
 @flow(name="finetune", log_prints=True)
@@ -466,6 +492,8 @@ class EndToEndConfig(ConfigModel):
     text: TextStage = TextStage()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    clip: ClipPretrainConfig | None = Field(None, description=(
+        "A CLIP model to pretrain on the (curated) images after the language model; none: no CLIP model."))
     deploy: DeployStage = DeployStage()
 
 
@@ -493,6 +521,8 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
         raise PipelineError("end-to-end: give images.input and/or text.input")
     if config.until != "curate" and not (config.text.input and config.text.curate):
         raise PipelineError("end-to-end: training needs text.input and text.curate")
+    if config.until != "curate" and config.clip and not config.images.input:
+        raise PipelineError("end-to-end: the CLIP model trains on images: give images.input")
     serve = None
     if config.until == "deploy":
         serve = ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port)
@@ -546,6 +576,14 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
                            wait_for=[pretraining.future])
             outcomes["finetune"] = _outcome("finetune", *tuning.settle())
             adapter_uri = outcomes["finetune"]["result"]["adapter_uri"]
+        if config.clip:  # after the LM's training, not beside it: both would want the same CPUs
+            images = outcomes.get("curate-images", outcomes["crawl-images"])["result"]
+            clip = config.clip.model_copy(deep=True)
+            clip.data.shards = images["output"] if "://" in images["output"] else str(Path(images["output"]).absolute())
+            upstream = curations.get("images") or crawls["images"]
+            clip_training = Stage(pretrain_clip_task, clip, images["digest"], _model_still_there("model_uri"),
+                                  config.refresh, wait_for=[upstream.future, pretraining.future])
+            outcomes["pretrain-clip"] = _outcome("pretrain-clip", *clip_training.settle())
         if serve is not None and base_uri:
             serve = serve.model_copy(update={"model": base_uri, "adapter": [adapter_uri] if adapter_uri else []})
             url = deploy_task(serve)
@@ -563,6 +601,7 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
 FLOWS: dict[str, tuple[type[ConfigModel], Any]] = {
     "end-to-end": (EndToEndConfig, end_to_end), "ingest": (IngestConfig, ingest_flow),
     "curate": (CurateConfig, curate_flow), "pretrain": (PretrainConfig, pretrain_flow),
+    "pretrain-clip": (ClipPretrainConfig, pretrain_clip_flow),
     "finetune": (FinetuneConfig, finetune_flow), "deploy": (ServeConfig, deploy_flow),
 }
 
@@ -576,6 +615,10 @@ def _facts(stage: str, r: dict[str, Any]) -> str:
         return f"{r['samples_in']} -> {r['kept']} kept ({removed}); report {r['output']}/report.html"
     if stage == "pretrain":
         return (f"{r['steps']} steps, loss {r['loss']:.3f}, held-out perplexity {r['heldout_perplexity']:.1f}; "
+                f"{r['model_uri']}{' (champion)' if r['champion'] else ''}")
+    if stage == "pretrain-clip":
+        return (f"{r['steps']} steps, loss {r['loss']:.3f}, held-out recall@1 image->text "
+                f"{r['heldout_i2t_recall_at_1']:.2f}, text->image {r['heldout_t2i_recall_at_1']:.2f}; "
                 f"{r['model_uri']}{' (champion)' if r['champion'] else ''}")
     if stage == "finetune":
         return (f"{r['steps']} steps on {r['base']}, held-out loss {r['heldout_loss_before']:.3f} -> "

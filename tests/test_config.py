@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
+from unittest import mock
 
 import pytest
 import typer
@@ -13,7 +15,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.config import leaf_fields, load_config
+from pydantic import Field
+
+from pipelines.config import ConfigModel, config_command, leaf_fields, load_config
 from pipelines.errors import PipelineError
 from pipelines.ingest.images import ImageCrawlConfig
 
@@ -185,3 +189,85 @@ def test_cli_overrides_the_file_end_to_end(tmp_path, web, ray_cluster):
     assert (c["image"]["resize_mode"], c["fetch"]["respect_robots"], c["fetch"]["retries"]) == ("center_crop", False, 0)
     assert manifest["samples"] == 3 and len(manifest["shards"]) == 2  # /private/ fetched: robots off
     assert web.hits("/robots.txt") == 0
+
+
+# -- one command, several kinds of config (`pipelines pretrain` for an LM or a CLIP model) --------
+class _Engine(ConfigModel):
+    steps: int = Field(10, description="Steps.")
+
+
+class _Lm(ConfigModel):
+    kind: Literal["lm"] = Field("lm", description="What to train.")
+    engine: _Engine = _Engine()
+    preset: Literal["tiny", "125m"] = Field("tiny", description="LM size.")
+    seq_len: int = Field(128, description="Tokens per sequence.")
+
+
+class _Clip(ConfigModel):
+    kind: Literal["clip"] = Field("clip", description="What to train.")
+    engine: _Engine = _Engine(steps=20)
+    preset: Literal["tiny", "base"] = Field("tiny", description="Tower sizes.")
+    image_size: int = Field(64, description="Pixels.")
+
+
+@pytest.fixture
+def kinds_app() -> tuple[typer.Typer, list]:
+    ran: list = []
+    command = config_command(_Lm, lambda c: ran.append(("lm", c)), (_Clip, lambda c: ran.append(("clip", c))))
+    test_app = typer.Typer()
+    test_app.command("train")(command)
+    test_app.command("other")(lambda: None)  # a group, so the command is called by name as in `pipelines`
+    return test_app, ran
+
+
+def test_kind_comes_from_the_file_the_option_or_the_first_config(tmp_path, kinds_app):
+    test_app, ran = kinds_app
+    clip_file = write_yaml(tmp_path / "clip.yaml", {"kind": "clip", "image_size": 32})
+    for args in (["-c", str(clip_file)], ["--kind", "clip"], ["--steps", "5"]):
+        result = CliRunner().invoke(test_app, ["train", *args])
+        assert result.exit_code == 0, result.output
+    (k1, c1), (k2, c2), (k3, c3) = ran
+    assert (k1, type(c1), c1.image_size, c1.engine.steps) == ("clip", _Clip, 32, 20)  # its own section default
+    assert (k2, type(c2), c2.image_size) == ("clip", _Clip, 64)
+    assert (k3, type(c3), c3.engine.steps) == ("lm", _Lm, 5)
+    # the option wins over the file: an LM config, which has no image_size
+    result = CliRunner().invoke(test_app, ["train", "-c", str(clip_file), "--kind", "lm"])
+    assert result.exit_code == 2 and len(ran) == 3
+    assert "image_size: Extra inputs are not permitted" in result.output
+
+
+def test_an_option_of_the_other_kind_is_refused_in_one_line(tmp_path, kinds_app):
+    test_app, ran = kinds_app
+    result = CliRunner().invoke(test_app, ["train", "--kind", "clip", "--seq-len", "64"])
+    assert result.exit_code == 2 and not ran
+    assert "--seq-len is not an option of a clip config (it is one of lm)" in result.output
+    result = CliRunner().invoke(test_app, ["train", "--kind", "vit"])
+    assert result.exit_code == 2 and "kind 'vit': expected one of lm, clip" in result.output
+    result = CliRunner().invoke(test_app, ["train", "--preset", "base"])  # a CLIP preset, for the LM
+    assert result.exit_code == 2 and "preset: Input should be 'tiny' or '125m'" in result.output
+
+
+def test_help_of_a_command_with_kinds_names_what_belongs_to_which(kinds_app):
+    test_app, _ = kinds_app
+    command = typer.main.get_command(test_app).commands["train"]
+    helps = {p.opts[0]: p.help.replace("\\[", "[") for p in command.params}  # rich markup escaped
+    assert helps["--steps"] == "Steps. [default: lm: 10; clip: 20]"
+    assert helps["--seq-len"].startswith("(lm only) Tokens per sequence.")
+    assert helps["--image-size"].startswith("(clip only) Pixels.")
+    assert helps["--preset"].startswith("lm: LM size. one of: tiny, 125m; clip: Tower sizes. one of: tiny, base")
+    assert helps["--kind"] == "What to train. one of: lm, clip [default: 'lm']"
+
+
+def test_pipelines_pretrain_runs_the_shipped_clip_config_as_a_clip_model():
+    """`pipelines pretrain -c configs/pretrain/clip-tiny.yaml` builds the CLIP config (checked up to the run)."""
+    from pipelines.train.clip import ClipPretrainConfig
+    from pipelines.train.config import PretrainConfig
+
+    command = typer.main.get_command(app).commands["pretrain"]
+    seen = []
+    with mock.patch("pipelines.config.load_config", lambda model, *a: seen.append(model) or (_ for _ in ()).throw(
+            PipelineError("stop here"))):
+        for config in ("configs/pretrain/clip-tiny.yaml", "configs/pretrain/lm-tiny.yaml"):
+            with pytest.raises(SystemExit):
+                command.main(["-c", str(REPO / config)], prog_name="pipelines", standalone_mode=True)
+    assert seen == [ClipPretrainConfig, PretrainConfig]

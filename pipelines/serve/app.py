@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 import yaml
 from ray import serve
@@ -98,8 +99,9 @@ class OpenAIServer:
         self._resolve_adapters()
         self._generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
-        self._embed_batch.set_max_batch_size(self.config.batching.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
+        for batched in (self._embed_batch, self._clip_batch):
+            batched.set_max_batch_size(self.config.batching.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
 
         async def open_adapter(key: str) -> LoadedAdapter:  # a plain function: multiplexed keeps its LRU on it
             return await self._open_adapter(key)
@@ -141,6 +143,10 @@ class OpenAIServer:
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor:
         return torch.stack(await asyncio.gather(*(self._embed_batch((engine, ids, adapter)) for ids in inputs)))
 
+    async def clip_embed(self, engine: ClipEngine, texts: Sequence[str],
+                         images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        return await self._clip_batch((engine, list(texts), list(images)))
+
     async def reload(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.refresh)
 
@@ -165,6 +171,21 @@ class OpenAIServer:
         out: list[torch.Tensor] = []
         for (engine, adapter), group in itertools.groupby(items, key=lambda item: (item[0], item[2])):
             out.extend(await asyncio.to_thread(engine.embed, [ids for _, ids, _ in group], adapter))
+        return out
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _clip_batch(self, items: list[tuple[ClipEngine, list[str], list[Any]]]
+                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Concurrent CLIP requests' captions and images as one model call per tower, split back per request."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for engine, group in itertools.groupby(items, key=lambda item: item[0]):
+            requests = [(texts, images) for _, texts, images in group]
+            texts, images = await asyncio.to_thread(engine.embed, [t for ts, _ in requests for t in ts],
+                                                    [i for _, ims in requests for i in ims])
+            t = i = 0
+            for ts, ims in requests:
+                out.append((texts[t:t + len(ts)], images[i:i + len(ims)]))
+                t, i = t + len(ts), i + len(ims)
         return out
 
     # -- the registry --------------------------------------------------------------------------

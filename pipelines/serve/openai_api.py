@@ -185,6 +185,8 @@ class ModelServer(Protocol):
     async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine, str | None]: ...
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None: ...
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor: ...
+    async def clip_embed(self, engine: ClipEngine, texts: Sequence[str],
+                         images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]: ...
     async def reload(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
 
@@ -289,7 +291,7 @@ def build_api(server: ModelServer) -> FastAPI:
     async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
         if isinstance(engine, ClipEngine):
-            return await _clip_embeddings(engine, body)
+            return await _clip_embeddings(server, engine, body)
         if isinstance(body.input, list) and any(isinstance(x, ImageInput) for x in body.input):
             raise APIError(400, f"model {body.model!r} embeds text only (images need a CLIP model)", param="input",
                            code="model_not_supported")
@@ -319,11 +321,8 @@ def build_api(server: ModelServer) -> FastAPI:
             raise APIError(400, f"model {body.model!r} is not a CLIP model: similarity needs one", param="model",
                            code="model_not_supported")
 
-        def run() -> tuple[np.ndarray, np.ndarray]:
-            images = [_decode_image(v, f"images.{i}") for i, v in enumerate(body.images)]
-            return engine.embed(body.texts, images)
-
-        texts, images = await asyncio.to_thread(run)
+        images = await asyncio.to_thread(lambda: [_decode_image(v, f"images.{i}") for i, v in enumerate(body.images)])
+        texts, images = await server.clip_embed(engine, body.texts, images)
         matrix = images @ texts.T
         out: dict[str, Any] = {"object": "similarity", "model": body.model, "similarity": matrix.tolist()}
         if len(body.images) == len(body.texts):
@@ -339,7 +338,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-async def _clip_embeddings(engine: ClipEngine, body: EmbeddingRequest) -> JSONResponse:
+async def _clip_embeddings(server: ModelServer, engine: ClipEngine, body: EmbeddingRequest) -> JSONResponse:
     """Texts and images into the CLIP model's shared space, in the order given."""
     items = [body.input] if isinstance(body.input, str) else list(body.input)
     if any(not isinstance(x, (str, ImageInput)) for x in items):
@@ -350,11 +349,9 @@ async def _clip_embeddings(engine: ClipEngine, body: EmbeddingRequest) -> JSONRe
     text_at = [i for i, x in enumerate(items) if isinstance(x, str)]
     image_at = [i for i, x in enumerate(items) if isinstance(x, ImageInput)]
 
-    def run() -> tuple[np.ndarray, np.ndarray]:
-        images = [_decode_image(items[i].image, f"input.{i}.image") for i in image_at]  # type: ignore[union-attr]
-        return engine.embed([items[i] for i in text_at], images)  # type: ignore[misc]
-
-    texts, images = await asyncio.to_thread(run)
+    images = await asyncio.to_thread(
+        lambda: [_decode_image(items[i].image, f"input.{i}.image") for i in image_at])  # type: ignore[union-attr]
+    texts, images = await server.clip_embed(engine, [items[i] for i in text_at], images)  # type: ignore[misc]
     vectors = np.zeros((len(items), engine.width), np.float32)
     vectors[text_at], vectors[image_at] = texts, images
     if body.dimensions is not None:

@@ -1,4 +1,4 @@
-"""`pipelines pretrain-clip`: contrastive pretraining of a CLIP-style image-text model on Ray Train +
+"""`pipelines pretrain --kind clip`: contrastive pretraining of a CLIP-style image-text model on Ray Train +
 DeepSpeed, from the image shards of `pipelines crawl images` (`KEY.jpg` + `KEY.txt` caption).
 
 The same engine as the language model (`pipelines/train/pretrain.py`): the driver resolves the run,
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -34,10 +34,11 @@ from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
-from pipelines.train.config import EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig, TrainRunConfig
+from pipelines.train.config import (PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig,
+                                     TrainRunConfig)
 from pipelines.train.data import ShardSet, is_heldout
 from pipelines.train.pretrain import (DS_TAG, MetricsLog, PretrainResult, absolute, checkpoint_state,
-                                      deepspeed_config, fit, local_copy, lineage, lr_lambda, record_run,
+                                      fit, local_copy, lineage, lr_lambda, record_run, start_engine,
                                       resolve_run, resources, run_tokenizer, save_checkpoint, storage_root,
                                       zero_label)
 
@@ -63,6 +64,7 @@ class ClipDataConfig(ConfigModel):
 
 
 class ClipPretrainConfig(TrainRunConfig):
+    kind: Literal["clip"] = Field("clip", description=PRETRAIN_KIND)
     model: ClipModelConfig = ClipModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=4096)
     data: ClipDataConfig = ClipDataConfig()
@@ -375,7 +377,6 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 
 def clip_train_loop(args: dict[str, Any]) -> None:
     """One Ray Train worker: the whole loop, top to bottom."""
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -404,8 +405,7 @@ def clip_train_loop(args: dict[str, Any]) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=o.lr, betas=(o.beta1, o.beta2), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps, o.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(config, bf16, world), dist_init_required=False)
+    engine, update = start_engine(model, optimizer, schedule, config, bf16, world)
 
     shards = open_shards(args["shards"])
     stream = ImageCaptionStream(shards, tokenizer, image_size=config.model.image_size,
@@ -437,8 +437,7 @@ def clip_train_loop(args: dict[str, Any]) -> None:
             out = engine(input_ids=input_ids, attention_mask=attention_mask,
                          pixel_values=pixels.to(torch.bfloat16 if bf16 else torch.float32))
             loss = contrastive_loss(out.image_embeds, out.text_embeds, engine.module.logit_scale, world)
-            engine.backward(loss)
-            engine.step()
+            update(loss)
             total += loss.detach().float()
         step += 1
         loss_value = total.item() / e.grad_accum  # the same on every rank: the loss is over all ranks' pairs

@@ -92,7 +92,12 @@ class TrainRunConfig(ConfigModel):
         ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}
 
 
+PRETRAIN_KIND = ("What `pipelines pretrain` trains: lm, a causal language model on text shards, or clip, a CLIP-style "
+                 "image-text model on caption-image shards.")
+
+
 class PretrainConfig(TrainRunConfig):
+    kind: Literal["lm"] = Field("lm", description=PRETRAIN_KIND)
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()

@@ -32,7 +32,7 @@ from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.train.config import EngineConfig, OptimConfig, TrainRunConfig
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, deepspeed_config, fit, local_copy,
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, fit, local_copy, start_engine,
                                       lr_lambda, resolve_run, resources, save_checkpoint, storage_root, write_json,
                                       zero_label)
 
@@ -242,7 +242,6 @@ def load_base(base_dir: str) -> tuple[Any, Any]:
 
 def finetune_loop(args: dict[str, Any]) -> None:
     """One Ray Train worker: peft on the base, DeepSpeed, the loop, held-out loss before and after."""
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch
@@ -270,8 +269,7 @@ def finetune_loop(args: dict[str, Any]) -> None:
                                       weight_decay=o.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, e.max_steps,
                                                                           o.min_lr_ratio))
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=deepspeed_config(config, bf16, world), dist_init_required=False)
+        engine, update = start_engine(model, optimizer, schedule, config, bf16, world)
         shards = open_shards(args["shards"])
         stream = ExampleStream(shards, base_dir, seq_len=config.examples.seq_len, micro_batch=e.micro_batch,
                                rank=rank, world_size=world, seed=e.seed, shuffle_buffer=config.examples.shuffle_buffer,
@@ -304,8 +302,7 @@ def finetune_loop(args: dict[str, Any]) -> None:
                 batch = next(batches).to(device, non_blocking=True)
                 ids, labels = batch[:, 0], batch[:, 1]
                 loss = engine(input_ids=ids, labels=labels).loss
-                engine.backward(loss)
-                engine.step()
+                update(loss)
                 total += torch.stack([loss.detach().float(), torch.ones((), device=device)])
             step += 1
             if world > 1:

@@ -27,7 +27,7 @@ from tests.serve.conftest import _free_port_pair
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHED_STAGES = ["crawl-images", "crawl-text", "curate-images", "curate-text", "pretrain", "finetune"]
+CACHED_STAGES = ["crawl-images", "crawl-text", "curate-images", "curate-text", "pretrain", "finetune", "pretrain-clip"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def state(tmp_path_factory: pytest.TempPathFactory, sample: dict[str, Path]) -> 
     config["pretrain"]["data"]["heldout_percent"] = 20  # ~30 documents: keep some held out
     config["pretrain"]["engine"].update(max_steps=30, checkpoint_every=30, eval_batches=2)
     config["finetune"]["engine"].update(max_steps=20, checkpoint_every=20, eval_batches=2)
+    config["clip"]["data"]["heldout_percent"] = 25  # ~35 photos: keep some held out
+    config["clip"]["engine"].update(max_steps=20, checkpoint_every=20, micro_batch=8)
     config["deploy"]["port"] = _free_port_pair()
     path = root / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -127,6 +129,9 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> N
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/1"
     assert summary["finetune"]["result"]["base"] == "models:/demo-lm/1"
     assert summary["finetune"]["result"]["adapter_uri"] == "models:/demo-chat/1"
+    clip = summary["pretrain-clip"]["result"]
+    assert clip["model_uri"] == "models:/demo-clip/1" and clip["steps"] == 20
+    assert 0 <= clip["heldout_i2t_recall_at_1"] <= clip["heldout_i2t_recall_at_5"] <= 1
     deployed = summary["deploy"]["result"]
     # the endpoint generated (what a 30-step model says is another matter)
     assert deployed["model"] == "demo-lm:demo-chat" and deployed["tokens"] > 0 and isinstance(deployed["answer"], str)
@@ -134,13 +139,15 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> N
     records = prefect_records(state)
     assert records["flow"] and records["state"] == "Completed"
     runs = {t["name"].rsplit("-", 1)[0]: t for t in records["tasks"]}
-    assert {"crawl-images", "crawl-text", "curate", "pretrain", "finetune", "deploy", "smoke-request"} <= set(runs)
+    assert {"crawl-images", "crawl-text", "curate", "pretrain", "pretrain-clip", "finetune", "deploy",
+            "smoke-request"} <= set(runs)
     curate_runs = sorted(t["runs"] for t in records["tasks"] if t["name"].startswith("curate-"))
     assert curate_runs == [1, 2]  # images once; text failed once and was retried
     # Ray's worker output reached the flow run's logs (the training loop prints its progress there)
     assert any("RayTrainWorker" in m and "loss" in m for m in records["logs"])
     assert {"crawl-images", "curate-text", "pretrain", "pretrain-mlflow-run", "pretrain-model-version",
-            "finetune-model-version", "curate-text-report", "endpoint", "smoke-request"} <= set(records["artifacts"])
+            "finetune-model-version", "pretrain-clip-model-version", "curate-text-report", "endpoint",
+            "smoke-request"} <= set(records["artifacts"])
 
 
 def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, Any]) -> None:
@@ -150,6 +157,7 @@ def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, 
     assert summary["deploy"]["result"]["tokens"] > 0  # the endpoint is live again, on the same versions
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/1"
     assert versions(state, "demo-lm") == ["1"] and versions(state, "demo-chat") == ["1"]
+    assert versions(state, "demo-clip") == ["1"]
     records = prefect_records(state)
     states = {t["name"].rsplit("-", 1)[0]: t["state"] for t in records["tasks"]}
     assert states["pretrain"] == states["finetune"] == states["crawl-text"] == "Cached"
@@ -171,7 +179,8 @@ def test_changed_curation_config_reruns_curate_and_what_follows(state: dict[str,
     summary, _ = curate_text_with(state, 200)
     assert {s: summary[s]["state"] for s in CACHED_STAGES} == {
         "crawl-images": "Cached", "crawl-text": "Cached", "curate-images": "Cached",
-        "curate-text": "Completed", "pretrain": "Completed", "finetune": "Completed"}
+        "curate-text": "Completed", "pretrain": "Completed", "finetune": "Completed",
+        "pretrain-clip": "Cached"}  # the image branch did not change
     assert summary["curate-text"]["result"]["removed"].get("length", 0) > 0
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/2"
     assert summary["finetune"]["result"]["base"] == "models:/demo-lm/2"

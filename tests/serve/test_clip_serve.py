@@ -91,6 +91,31 @@ def test_openai_client_and_dimensions(url: str) -> None:
         assert c.models.list().data[0].id == "tiny-clip"
 
 
+def test_concurrent_requests_batched_together_each_get_their_own_vectors(url: str, tiny_clip: Path,
+                                                                         images) -> None:
+    """24 requests at once (captions, images, both, of different counts) are grouped into shared model calls
+    by `serve.batch` and split back: every response holds exactly its own inputs' vectors, in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = load_clip(str(tiny_clip), device="cpu")
+    want_texts, want_images = local.embed_texts(CAPTIONS), local.embed_images(images)
+    # k % 3 = 0: one image; 1: a caption and two images; 2: two captions
+    requests = [([CAPTIONS[(k + j) % 4] for j in range(k % 3)], [(k + j) % 4 for j in range((k + 1) % 3)])
+                for k in range(24)]
+
+    def send(request: tuple[list[str], list[int]]) -> np.ndarray:
+        texts, pictures = request
+        body = {"model": "tiny-clip", "input": [*texts, *({"image": b64(images[p])} for p in pictures)]}
+        return vectors(post(url, "/v1/embeddings", body))
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(send, requests))
+    for (texts, pictures), got in zip(requests, answers, strict=True):
+        want = np.concatenate([want_texts[[CAPTIONS.index(t) for t in texts]].reshape(-1, got.shape[1]),
+                               want_images[pictures].reshape(-1, got.shape[1])])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_similarity_is_the_image_by_text_cosine_matrix(url: str, images) -> None:
     body = {"model": "tiny-clip", "images": [b64(i) for i in images], "texts": CAPTIONS}
     r = post(url, "/v1/similarity", body)

@@ -1,4 +1,4 @@
-"""`pipelines pretrain-clip` end to end on CPU: real Ray Train workers, real DeepSpeed (gloo), real MLflow on a
+"""`pipelines pretrain --kind clip` end to end on CPU: real Ray Train workers, real DeepSpeed (gloo), real MLflow on a
 SQLite file, image shards written by the crawler's shard writer: coloured shapes captioned by what they show."""
 
 from __future__ import annotations
@@ -169,18 +169,64 @@ def test_shipped_config_loads_and_partial_sections_keep_clip_defaults(tmp_path: 
     assert config.engine.workers == 2 and config.engine.micro_batch == 64 and config.optim.beta2 == 0.98
 
 
+SHIPPED = str(Path(__file__).parents[2] / "configs/pretrain/clip-tiny.yaml")
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--kind", "clip"], ["pretrain-clip"], ["pretrain", "-c", SHIPPED]])
 @pytest.mark.parametrize("args, expected", [
     (["--zero-stage", "3"], "zero_stage 3"),
     (["--preset", "huge"], "model.preset"),
     ([], "--shards"),
+    (["--seq-len", "64"], "--seq-len is not an option of a clip config"),
 ])
-def test_bad_config_is_one_line_before_any_worker(tmp_path: Path, args: list[str], expected: str) -> None:
+def test_bad_config_is_one_line_before_any_worker(tmp_path: Path, command: list[str], args: list[str],
+                                                  expected: str) -> None:
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
-    run = CliRunner().invoke(app, ["pretrain-clip", "--storage", str(tmp_path / "runs"), "--quiet", *args])
+    run = CliRunner().invoke(app, [*command, "--storage", str(tmp_path / "runs"), "--quiet", *args])
+    if command == ["pretrain-clip"] and args == ["--seq-len", "64"]:  # a command with the CLIP options only
+        assert run.exit_code == 2 and "No such option: --seq-len" in run.output
+        return
 
     assert run.exit_code == 2, run.output
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], run.stderr
+
+
+@pytest.mark.slow
+def test_flow_pretrain_with_a_clip_config_runs_the_clip_stage_and_caches_it(tmp_path: Path, shards: str) -> None:
+    """`pipelines flow pretrain -c clip-tiny.yaml`: the `kind: clip` config runs the `pretrain-clip` flow (a
+    Prefect task on the ephemeral API, its own embedded defaults under a fresh PIPELINES_HOME); the same
+    shards and config again come from Prefect's cache, with no new model version."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "PIPELINES_", "RAY_SERVE_")) and k != "RAY_ADDRESS"}
+    env["PIPELINES_HOME"] = str(tmp_path / "home")
+    sets = {"data.shards": shards, "model.image_size": 32, "model.max_text_len": 8, "tokenizer.vocab_size": 300,
+            "data.heldout_percent": 10, "engine.max_steps": 6, "engine.checkpoint_every": 6,
+            "engine.micro_batch": 16, "engine.eval_batches": 2, "registry.model_name": "flow-clip"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+
+    def run() -> dict[str, Any]:
+        summary = tmp_path / "summary.json"
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "flow", "pretrain", "-c", SHIPPED, *args,
+                               "--summary-json", str(summary)], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).parents[2])
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "pretrain-clip" in proc.stdout  # the summary table's stage
+        return json.loads(summary.read_text())
+
+    first = run()
+    assert first["stage"] == "pretrain-clip" and first["state"] == "Completed", first
+    assert first["result"]["model_uri"] == "models:/flow-clip/1" and first["result"]["steps"] == 6
+    assert 0 <= first["result"]["heldout_i2t_recall_at_1"] <= 1
+    second = run()
+    assert second["state"] == "Cached" and second["result"]["model_uri"] == "models:/flow-clip/1"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    assert [str(v.version) for v in client.search_model_versions("name='flow-clip'")] == ["1"]
