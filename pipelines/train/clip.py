@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import os
 import tarfile
 import tempfile
 import time
@@ -32,20 +31,17 @@ from rich.console import Console
 
 from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
-from pipelines.runtime import filesystem, init_ray, settings
+from pipelines.runtime import filesystem
 from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
 from pipelines.train.config import (PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig,
                                      TrainRunConfig)
-from pipelines.train.data import ShardSet, is_heldout
-from pipelines.train.pretrain import (DS_TAG, MetricsLog, PretrainResult, absolute, checkpoint_state,
-                                      fit, local_copy, lineage, lr_lambda, record_run, start_engine,
-                                      resolve_run, resources, run_tokenizer, save_checkpoint, storage_root,
-                                      zero_label)
+from pipelines.train.data import EMPTY_EPOCHS, ShardSet, is_heldout, training_samples
+from pipelines.train.pretrain import (DS_TAG, MetricsLog, Pretraining, PretrainResult, checkpoint_state, drive,
+                                      local_copy, lr_lambda, save_checkpoint, start_engine, worker_context)
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "pipelines.train.ImageCaptionStream/v1"
-EMPTY_EPOCHS = 10  # a stream that finds no training sample in this many epochs in a row has none to find
 RECALL_METRIC = "heldout_i2t_recall_at_1"
 
 
@@ -216,32 +212,13 @@ class ImageCaptionStream:
 
     def _pairs(self, start: PairCursor) -> Iterator[tuple[PairCursor, str, bytes, str]]:
         """This rank's training pairs from `start` on, each with its cursor, through epoch after epoch."""
-        epoch, first_tar, skip, index = start.epoch, start.tar, start.sample, start.index
-        empty_epochs = 0
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.tars))
-            tars = [self.shards.tars[i] for i in order]
-            shared = len(tars) < self.world_size
-            if not shared:
-                tars = tars[self.rank::self.world_size]
-            found = False
-            for t in range(first_tar, len(tars)):
-                samples = read_image_tar(tars[t])
-                for k in range(skip, len(samples)):
-                    key, data, caption = samples[k]
-                    if is_heldout(key, self.heldout_percent):
-                        continue
-                    if not shared or index % self.world_size == self.rank:
-                        found = True
-                        yield PairCursor(epoch, t, k, index), key, data, caption
-                    index += 1
-                skip = 0
-            empty_epochs = 0 if found else empty_epochs + 1
-            if empty_epochs == EMPTY_EPOCHS:
-                raise PipelineError(f"{self.shards.url}: rank {self.rank} of {self.world_size} found no training "
-                                    f"image-caption pair in {EMPTY_EPOCHS} epochs (no pairs with both .jpg and "
-                                    ".txt, all held out, or unreadable tars)")
-            epoch, first_tar, index = epoch + 1, 0, 0
+        walk = training_samples(
+            self.shards, self.seed, self.rank, self.world_size, self.heldout_percent, read_image_tar,
+            (start.epoch, start.tar, start.sample, start.index),
+            f"{self.shards.url}: rank {self.rank} of {self.world_size} found no training image-caption pair in "
+            f"{EMPTY_EPOCHS} epochs (no pairs with both .jpg and .txt, all held out, or unreadable tars)")
+        for epoch, t, k, index, (key, data, caption) in walk:
+            yield PairCursor(epoch, t, k, index), key, data, caption
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -249,71 +226,16 @@ class ImageCaptionStream:
 def pretrain_clip(config: ClipPretrainConfig) -> PretrainResult:
     """Train (or continue) a CLIP-style image-text model as the config says; export and register it at the end."""
     from pipelines.train import registry
-    from pipelines.train.data import open_shards
 
-    console = Console(quiet=config.quiet, stderr=True, soft_wrap=True)
     if config.engine.zero_stage == 3:
         raise PipelineError("engine.zero_stage 3 is not supported for CLIP (the loss reads the temperature "
                             "outside the forward pass); use 0-2")
-    storage = storage_root(config.storage)
-    fs, _ = filesystem(storage)
-    given_shards = absolute(config.data.shards) if config.data.shards else None
-    config, run_name, saved = resolve_run(config, storage, fs)
-    run_dir = f"{storage}/{run_name}"
-    if saved and given_shards and given_shards != config.data.shards:
-        raise PipelineError(f"run {run_name} trains on {config.data.shards}, not {given_shards}")
-    if not config.data.shards:
-        raise PipelineError("no training shards: give --shards (a folder or URL written by `pipelines crawl "
-                            "images` or `pipelines curate`)")
-    config.data.shards = absolute(config.data.shards)
-    shards = open_shards(config.data.shards)
-    if shards.manifest.get("kind") not in (None, "images"):
-        raise PipelineError(f"{config.data.shards}: {shards.manifest.get('kind')} shards, not image shards")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    init_ray()
-    use_gpu, cpus = resources(config)
-
-    tokenizer_dir = run_tokenizer(saved, shards, run_name,
-                                  lambda: _prepare_tokenizer(config, shards, run_dir, console))
-
-    registry.configure_tracking()
-    params = config.model_dump(mode="json")
-    with registry.training_run(config.registry.experiment, run_name, params,
-                               tags={"pipelines.stage": "pretrain-clip", "pipelines.run_dir": run_dir},
-                               run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
-        record_run(fs, run_dir, saved, params, mlflow_run_id, shards, tokenizer_dir, config.engine.workers)
-        console.print(f"[bold]pretrain-clip[/bold] {run_name}: {config.model.preset} CLIP, {config.engine.workers} "
-                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
-                      f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
-        result = fit(clip_train_loop, {"config": params, "tokenizer_dir": tokenizer_dir, "shards": shards.url,
-                                       "threads": cpus, "mlflow_run_id": mlflow_run_id,
-                                       "tracking_uri": settings().mlflow_tracking_uri},
-                     config.engine, run_name, storage, use_gpu, cpus)
-        metrics = dict(result.metrics or {})
-        step = int(metrics.get("step", 0))
-        if metrics.get("stopped"):
-            console.print(f"stopped after step {step}; continue with --resume {run_name}")
-            return PretrainResult(run_name, run_dir, mlflow_run_id, step, True, metrics)
-
-        model_dir = f"{run_dir}/model"
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            export_clip(checkpoint_dir, tokenizer_dir, model_dir, config)
-        final = {k: float(v) for k, v in metrics.items() if k.startswith("heldout_") and v is not None}
-        registry.log_metrics(final, step=step)
-        registered = None
-        if config.registry.register_model:
-            if RECALL_METRIC not in final:
-                raise PipelineError("no held-out pairs to measure recall on: raise --heldout-percent "
-                                    "or --eval-batches, or pass --no-register-model")
-            with local_copy(model_dir) as local_model:
-                registered = registry.register_clip(
-                    local_model, config.registry.model_name, run_id=mlflow_run_id, metric=RECALL_METRIC,
-                    value=final[RECALL_METRIC], lineage=lineage(config.data.shards, shards.manifest, run_dir))
-        recall = final.get(RECALL_METRIC, float("nan"))
-        console.print(f"done: {step} steps, held-out image->text recall@1 {recall:.3f}; model {model_dir}"
-                      + (f"; registered {registered.uri}{' (champion)' if registered.champion else ''}"
-                         if registered else ""))
-        return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
+    return drive(config, Pretraining(
+        "pretrain-clip", "CLIP", "`pipelines crawl images` or `pipelines curate`", clip_train_loop,
+        _prepare_tokenizer, export_clip,
+        lambda m: {k: float(v) for k, v in m.items() if k.startswith("heldout_") and v is not None},
+        RECALL_METRIC, "held-out image->text recall@1", registry.register_clip,
+        "no held-out pairs to measure recall on", shards_kind="images"))
 
 
 def _prepare_tokenizer(config: ClipPretrainConfig, shards: ShardSet, run_dir: str, console: Console) -> str:
@@ -378,7 +300,6 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
 def clip_train_loop(args: dict[str, Any]) -> None:
     """One Ray Train worker: the whole loop, top to bottom."""
     import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
     from pipelines.train.clip_model import build_clip, image_processor
@@ -387,11 +308,7 @@ def clip_train_loop(args: dict[str, Any]) -> None:
 
     config = ClipPretrainConfig.model_validate(args["config"])
     e, o, d = config.engine, config.optim, config.data
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(args["threads"])
-    device = ray.train.torch.get_device()
-    bf16 = e.precision == "bf16" or (e.precision == "auto" and device.type == "cuda")
+    rank, world, device, bf16 = worker_context(e, args["threads"])
 
     with local_copy(args["tokenizer_dir"]) as tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir)

@@ -27,7 +27,7 @@ import logging
 import tarfile
 from dataclasses import asdict, dataclass, replace
 from itertools import chain, islice
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -279,39 +279,49 @@ class TokenStream(IterableDataset):
                    skip: int) -> Iterator[tuple[np.ndarray, Cursor]]:
         return pack(docs, tokenizer, self.seq_len, skip=skip)
 
-    def _epoch_tars(self, epoch: int, stream: int) -> tuple[list[str], bool]:
-        """The tars `stream` reads in `epoch`, and whether it shares them with the other streams (fewer
-        tars than streams), taking every S-th training sample."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.tars))
-        tars = [self.shards.tars[i] for i in order]
-        if len(tars) >= self.streams:
-            return tars[stream::self.streams], False
-        return tars, True
-
     def _documents(self, stream: int, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """The training documents of `stream` from `start` on, each with its cursor, through epoch after epoch."""
-        epoch, first_tar, skip, index = start.epoch, start.tar, start.sample, start.index
-        empty_epochs = 0
-        while True:
-            tars, shared = self._epoch_tars(epoch, stream)
-            found = False
-            for t in range(first_tar, len(tars)):
-                samples = read_tar(tars[t], self.member)
-                for k in range(skip, len(samples)):
-                    key, text = samples[k]
-                    if is_heldout(key, self.heldout_percent):
-                        continue
-                    if not shared or index % self.streams == stream:
-                        found = True
-                        yield Cursor(epoch, t, k, 0, index), text
-                    index += 1
-                skip = 0
-            empty_epochs = 0 if found else empty_epochs + 1
-            if empty_epochs == EMPTY_EPOCHS:
-                raise PipelineError(f"{self.shards.url}: stream {stream} of {self.streams} found no training "
-                                    f"sample in {EMPTY_EPOCHS} epochs (too few samples for world_size x "
-                                    "num_workers, all held out, or unreadable tars)")
-            epoch, first_tar, index = epoch + 1, 0, 0
+        walk = training_samples(
+            self.shards, self.seed, stream, self.streams, self.heldout_percent, lambda url: read_tar(url, self.member),
+            (start.epoch, start.tar, start.sample, start.index),
+            f"{self.shards.url}: stream {stream} of {self.streams} found no training sample in {EMPTY_EPOCHS} "
+            "epochs (too few samples for world_size x num_workers, all held out, or unreadable tars)")
+        for epoch, t, k, index, (_, text) in walk:
+            yield Cursor(epoch, t, k, 0, index), text
+
+
+def training_samples(shards: ShardSet, seed: int, stream: int, streams: int, heldout_percent: float,
+                     read: Callable[[str], list[tuple[Any, ...]]], start: tuple[int, int, int, int],
+                     nothing_found: str) -> Iterator[tuple[int, int, int, int, tuple[Any, ...]]]:
+    """The training samples of logical stream `stream` of `streams` from `start` = (epoch, tar, sample,
+    index) on, epoch after epoch, as (epoch, tar, sample, index, sample), `read(url)` listing a tar's samples
+    as (key, ...). Each epoch's tar order is shuffled from (seed, epoch); with at least `streams` tars stream
+    s reads tars s, s+streams, ...; with fewer, every stream reads them all and takes every streams-th
+    training sample (`index` counts them). Held-out keys are skipped. A stream that finds nothing in
+    EMPTY_EPOCHS epochs in a row raises PipelineError(nothing_found)."""
+    epoch, first_tar, skip, index = start
+    empty_epochs = 0
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(shards.tars))
+        tars = [shards.tars[i] for i in order]
+        shared = len(tars) < streams
+        if not shared:
+            tars = tars[stream::streams]
+        found = False
+        for t in range(first_tar, len(tars)):
+            samples = read(tars[t])
+            for k in range(skip, len(samples)):
+                if is_heldout(samples[k][0], heldout_percent):
+                    continue
+                if not shared or index % streams == stream:
+                    found = True
+                    yield epoch, t, k, index, samples[k]
+                index += 1
+            skip = 0
+        empty_epochs = 0 if found else empty_epochs + 1
+        if empty_epochs == EMPTY_EPOCHS:
+            raise PipelineError(nothing_found)
+        epoch, first_tar, index = epoch + 1, 0, 0
 
 
 class _PositionedBatches(IterableDataset):

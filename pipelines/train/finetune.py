@@ -32,9 +32,9 @@ from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.train.config import EngineConfig, OptimConfig, TrainRunConfig
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, fit, local_copy, start_engine,
-                                      lr_lambda, resolve_run, resources, save_checkpoint, storage_root, write_json,
-                                      zero_label)
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, fit, local_copy, lr_lambda,
+                                      resolve_run, resources, save_checkpoint, start_engine, storage_root,
+                                      worker_context, write_json, zero_label)
 
 # LoRA targets by model type when the config names none: the attention projections (the LoRA
 # paper's choice), which peft's own defaults also pick for these architectures.
@@ -243,7 +243,6 @@ def load_base(base_dir: str) -> tuple[Any, Any]:
 def finetune_loop(args: dict[str, Any]) -> None:
     """One Ray Train worker: peft on the base, DeepSpeed, the loop, held-out loss before and after."""
     import ray.train
-    import ray.train.torch
     import torch
     import torch.distributed as dist
     from peft import get_peft_model
@@ -253,11 +252,7 @@ def finetune_loop(args: dict[str, Any]) -> None:
 
     config = FinetuneConfig.model_validate(args["config"])
     e, o = config.engine, config.optim
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(args["threads"])
-    device = ray.train.torch.get_device()
-    bf16 = e.precision == "bf16" or (e.precision == "auto" and device.type == "cuda")
+    rank, world, device, bf16 = worker_context(e, args["threads"])
 
     with local_copy(args["base_dir"]) as base_dir:
         base, _ = load_base(base_dir)

@@ -51,8 +51,39 @@ class PretrainResult:
 
 # -- the driver -----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Pretraining:
+    """What pretraining one kind of model needs besides the common driver (`drive`): the language model's
+    (`pretrain`) and CLIP's (`pipelines.train.clip.pretrain_clip`)."""
+
+    stage: str  # the MLflow stage tag and the progress lines' name
+    what: str  # "model", "CLIP": in the start line
+    shards_from: str  # what writes the shards it trains on, for the error without them
+    loop: Callable[[dict[str, Any]], None]  # the Ray Train worker
+    prepare_tokenizer: Callable[[Any, Any, str, Console], str]  # (config, shards, run_dir, console) -> folder
+    export: Callable[[str, str, str, Any], None]  # (checkpoint dir, tokenizer dir, model dir, config)
+    final: Callable[[dict[str, Any]], dict[str, float]]  # the held-out figures among the last report's
+    metric: str  # the one the registry compares, and its label
+    metric_label: str
+    register: Callable[..., Any]  # registry.register_model or register_clip
+    no_metric: str  # why there is no metric to register on
+    shards_kind: str | None = None  # the manifest kind it needs (None: any)
+
+
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Train (or continue) a causal LM as the config says; export and register it at the end."""
+    from pipelines.train import registry
+
+    return drive(config, Pretraining(
+        "pretrain", "model", "`pipelines crawl` or `pipelines curate`", train_loop, _prepare_tokenizer, export_model,
+        lambda m: {k: float(m[k]) for k in ("heldout_loss", "heldout_perplexity") if m.get(k) is not None},
+        "heldout_perplexity", "held-out perplexity", registry.register_model,
+        "no held-out documents to measure perplexity on"))
+
+
+def drive(config: Any, kind: Pretraining) -> PretrainResult:
+    """The driver of a pretraining run of any kind: resolve (or resume) the run, train its tokenizer, open the
+    MLflow run and train on Ray Train; then export the last checkpoint, log the held-out figures and register."""
     from pipelines.train import registry
     from pipelines.train.data import open_shards
 
@@ -64,31 +95,32 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     run_dir = f"{storage}/{run_name}"
     if saved and given_shards and given_shards != config.data.shards:
         raise PipelineError(f"run {run_name} trains on {config.data.shards}, not {given_shards}")
-
     if not config.data.shards:
-        raise PipelineError("no training shards: give --shards (a folder or URL written by `pipelines crawl` "
-                            "or `pipelines curate`)")
+        raise PipelineError(f"no training shards: give --shards (a folder or URL written by {kind.shards_from})")
     config.data.shards = absolute(config.data.shards)  # the workers run in other folders, maybe machines
     shards = open_shards(config.data.shards)
+    if kind.shards_kind and shards.manifest.get("kind") not in (None, kind.shards_kind):
+        raise PipelineError(f"{config.data.shards}: {shards.manifest.get('kind')} shards; {kind.stage} trains on "
+                            f"{kind.shards_kind} shards")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     init_ray()
     use_gpu, cpus = resources(config)
 
     tokenizer_dir = run_tokenizer(saved, shards, run_name,
-                                  lambda: _prepare_tokenizer(config, shards, run_dir, console))
+                                  lambda: kind.prepare_tokenizer(config, shards, run_dir, console))
 
     registry.configure_tracking()
     params = config.model_dump(mode="json")
     with registry.training_run(config.registry.experiment, run_name, params,
-                               tags={"pipelines.stage": "pretrain", "pipelines.run_dir": run_dir},
+                               tags={"pipelines.stage": kind.stage, "pipelines.run_dir": run_dir},
                                run_id=saved["mlflow_run_id"] if saved else None) as mlflow_run_id:
         record_run(fs, run_dir, saved, params, mlflow_run_id, shards, tokenizer_dir, config.engine.workers)
-        console.print(f"[bold]pretrain[/bold] {run_name}: {config.model.preset} model, {config.engine.workers} "
-                      f"worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), {zero_label(config.engine)}, "
-                      f"{config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
-        result = fit(train_loop, {"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir,
-                                  "shards": shards.url, "threads": cpus, "mlflow_run_id": mlflow_run_id,
-                                  "tracking_uri": settings().mlflow_tracking_uri},
+        console.print(f"[bold]{kind.stage}[/bold] {run_name}: {config.model.preset} {kind.what}, "
+                      f"{config.engine.workers} worker(s) ({'GPU' if use_gpu else f'{cpus} CPU each'}), "
+                      f"{zero_label(config.engine)}, {config.engine.max_steps} steps; MLflow run {mlflow_run_id}")
+        result = fit(kind.loop, {"config": params, "tokenizer_dir": tokenizer_dir, "shards": shards.url,
+                                 "threads": cpus, "mlflow_run_id": mlflow_run_id,
+                                 "tracking_uri": settings().mlflow_tracking_uri},
                      config.engine, run_name, storage, use_gpu, cpus)
         metrics = dict(result.metrics or {})
         step = int(metrics.get("step", 0))
@@ -98,20 +130,19 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
         model_dir = f"{run_dir}/model"
         with result.checkpoint.as_directory() as checkpoint_dir:
-            export_model(checkpoint_dir, tokenizer_dir, model_dir, config)
-        final = {k: float(metrics[k]) for k in ("heldout_loss", "heldout_perplexity") if metrics.get(k) is not None}
+            kind.export(checkpoint_dir, tokenizer_dir, model_dir, config)
+        final = kind.final(metrics)
         registry.log_metrics(final, step=step)
         registered = None
         if config.registry.register_model:
-            if "heldout_perplexity" not in final:
-                raise PipelineError("no held-out documents to measure perplexity on: raise --heldout-percent "
-                                    "or --eval-batches, or pass --no-register-model")
+            if kind.metric not in final:
+                raise PipelineError(f"{kind.no_metric}: raise --heldout-percent or --eval-batches, or pass "
+                                    "--no-register-model")
             with local_copy(model_dir) as local_model:
-                registered = registry.register_model(
-                    local_model, config.registry.model_name, run_id=mlflow_run_id, metric="heldout_perplexity",
-                    value=final["heldout_perplexity"],
-                    lineage=lineage(config.data.shards, shards.manifest, run_dir))
-        console.print(f"done: {step} steps, held-out perplexity {final.get('heldout_perplexity', float('nan')):.2f}; "
+                registered = kind.register(local_model, config.registry.model_name, run_id=mlflow_run_id,
+                                           metric=kind.metric, value=final[kind.metric],
+                                           lineage=lineage(config.data.shards, shards.manifest, run_dir))
+        console.print(f"done: {step} steps, {kind.metric_label} {final.get(kind.metric, float('nan')):.3f}; "
                       f"model {model_dir}" + (f"; registered {registered.uri}"
                                               f"{' (champion)' if registered.champion else ''}" if registered else ""))
         return PretrainResult(run_name, run_dir, mlflow_run_id, step, False, metrics, model_dir, registered)
@@ -286,6 +317,19 @@ def deepspeed_config(config: Any, bf16: bool, world: int) -> dict[str, Any]:
     }
 
 
+def worker_context(engine: Any, threads: int) -> tuple[int, int, Any, bool]:
+    """In a Ray Train worker: (rank, world size, torch device, bf16?), with `threads` torch threads."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+    bf16 = engine.precision == "bf16" or (engine.precision == "auto" and device.type == "cuda")
+    return ctx.get_world_rank(), ctx.get_world_size(), device, bf16
+
+
 def single_rank_fp32(bf16: bool, world: int) -> bool:
     return world == 1 and not bf16
 
@@ -324,7 +368,6 @@ def start_engine(model: Any, optimizer: Any, schedule: Any, config: Any, bf16: b
 def train_loop(args: dict[str, Any]) -> None:
     """One Ray Train worker: the whole loop, top to bottom."""
     import ray.train
-    import ray.train.torch
     import torch
     import torch.distributed as dist
 
@@ -334,11 +377,7 @@ def train_loop(args: dict[str, Any]) -> None:
 
     config = PretrainConfig.model_validate(args["config"])
     e, o = config.engine, config.optim
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(args["threads"])
-    device = ray.train.torch.get_device()
-    bf16 = config.engine.precision == "bf16" or (config.engine.precision == "auto" and device.type == "cuda")
+    rank, world, device, bf16 = worker_context(e, args["threads"])
 
     with local_copy(args["tokenizer_dir"]) as tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir)

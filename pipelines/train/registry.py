@@ -284,6 +284,25 @@ def register_model(model_dir: str, name: str, *, run_id: str, metric: str, value
     return _register_version(client, info.model_uri, name, metric, value, lower_is_better, lineage, extra_tags)
 
 
+def _log_folder(client: MlflowClient, run_id: str, folder: Path, path: str, name: str) -> str:
+    """Log `folder` under the run's artifacts at `path`, make sure registered model `name` exists, and
+    return the artifacts' location as a version source. Plain artifacts, not an MLflow model: MLflow 3's
+    register_model wants a logged model for a runs:/ URI, so versions are created from the location itself."""
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
+    client.log_artifacts(run_id, str(folder), path)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name)
+        except MlflowException:  # created meanwhile
+            pass
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+
 def register_adapter(adapter_dir: str, name: str, *, run_id: str, base_uri: str, metric: str, value: float,
                      lower_is_better: bool = True, lineage: Mapping[str, Any] | None = None) -> Registered:
     """Register a peft adapter folder (adapter_config.json + adapter_model.safetensors) as a new
@@ -294,21 +313,7 @@ def register_adapter(adapter_dir: str, name: str, *, run_id: str, base_uri: str,
     folder = Path(adapter_dir).absolute()
     if not (folder / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter_dir}: not a peft adapter folder (no adapter_config.json)")
-    try:
-        client.get_run(run_id)
-    except MlflowException as e:
-        raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
-    client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
-    # Plain artifacts, not an MLflow model: MLflow 3's register_model wants a logged model for a
-    # runs:/ URI, so the version is created from the artifact location itself.
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ADAPTER_PATH}"
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name)
-        except MlflowException:  # created meanwhile
-            pass
+    source = _log_folder(client, run_id, folder, ADAPTER_PATH, name)
     return _register_version(client, source, name, metric, float(value), lower_is_better, lineage,
                              {BASE_MODEL_TAG: base_uri, "pipelines.kind": "lora-adapter"}, run_id=run_id)
 
@@ -338,16 +343,7 @@ def register_clip(model_dir: str, name: str, *, run_id: str, metric: str, value:
     folder = Path(model_dir).absolute()
     if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
         raise PipelineError(f"{model_dir}: not a CLIP model folder (config.json and preprocessor_config.json)")
-    try:
-        client.get_run(run_id)
-    except MlflowException as e:
-        raise PipelineError(f"MLflow run {run_id}: {_first_line(e)}") from None
-    client.log_artifacts(run_id, str(folder), CLIP_PATH)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{CLIP_PATH}"  # as for adapters
-    try:
-        client.create_registered_model(name)
-    except MlflowException:  # it exists
-        pass
+    source = _log_folder(client, run_id, folder, CLIP_PATH, name)
     return _register_version(client, source, name, metric, float(value), lower_is_better, lineage,
                              {"pipelines.kind": "clip"}, run_id=run_id)
 

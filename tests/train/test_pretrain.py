@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -46,14 +45,6 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = root / "shards"
     crawl_text(TextCrawlConfig(input=str(root / "corpus.jsonl"), output=str(out), shard_size=100, quiet=True))
     return str(out)
-
-
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
 
 
 def tiny_config(tmp_path: Path, shards: str, **engine: Any) -> PretrainConfig:
