@@ -4,16 +4,34 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv chromium test test-fast demo ui bench-crawl clean
+.PHONY: venv lock chromium test test-fast demo ui bench-crawl clean
 
 venv: $(STAMP)
 
-# Reinstall only when the package's declared dependencies change.
-$(STAMP): pyproject.toml
+# Installs come from requirements.lock: exact versions of every package (dev tools included), the set the
+# tests passed with, so a fresh machine gets that set whatever was released since. `make lock` refreshes it.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Resolve pyproject.toml's dependencies afresh (the newest versions its ranges allow) in a scratch venv and
+# pin what got installed. Run it, then `make test`, and commit requirements.lock with the change.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel
+	$(LOCK_VENV)/bin/python -m pip install -q '.[dev]'
+	$(LOCK_VENV)/bin/python -m pip check
+	{ echo "# Exact versions for make venv/test/demo. Made by \`make lock\` from pyproject.toml: do not edit."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude pip --exclude pipelines | sed -E 's/^(torch==[^+]*)\+cpu$$/\1/'; \
+	} > requirements.lock
+	rm -rf $(LOCK_VENV) build
+	@echo "requirements.lock: $$(grep -c '==' requirements.lock) packages pinned"
 
 # The deployment tests render the Prefect UI in a headless browser: Debian's chromium, installed once.
 chromium:

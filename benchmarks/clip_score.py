@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from pipelines.curate.run import CurateConfig, curate  # noqa: E402
-from pipelines.ingest.shards import ShardOutput, write_manifest, write_shard  # noqa: E402
+from pipelines.shards import ShardOutput, write_manifest, write_shard  # noqa: E402
 from pipelines.train.clip_model import ClipBundle, ClipModelConfig, build_clip, image_processor, load_clip  # noqa: E402
 
 WORDS = ["a", "photo", "of", "red", "green", "blue", "yellow", "circle", "square", "triangle", "on", "grey"]

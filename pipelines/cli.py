@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from pipelines import __version__
-from pipelines.config import config_command
+from pipelines.config import config_command, one_line_errors
 from pipelines.curate.run import CurateConfig, curate
 from pipelines.errors import PipelineError
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
@@ -53,16 +52,6 @@ app.command("pretrain-clip", help="`pipelines pretrain --kind clip`: " + (pretra
     config_command(ClipPretrainConfig, pretrain_clip))
 app.command("serve")(config_command(ServeConfig, serve_model))
 app.command("finetune")(config_command(FinetuneConfig, finetune))
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """A user mistake (PipelineError) as one line on stderr and exit code 2, never a traceback."""
-    try:
-        yield
-    except PipelineError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "pretrain-clip", "finetune", "deploy"]

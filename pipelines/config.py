@@ -7,6 +7,7 @@ same things and nothing has to be declared twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -21,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from pipelines.errors import PipelineError
+from pipelines.errors import InfrastructureError, PipelineError
 
 
 class ConfigModel(BaseModel):
@@ -153,12 +154,23 @@ def _merged(per_kind: dict[Any, str]) -> str:
     return "; ".join(f"{kind}: {text}" for kind, text in per_kind.items() if text)
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Our errors as one line on stderr, never a traceback: a user's mistake (PipelineError) exits with
+    code 2, a failure of the infrastructure under the job (InfrastructureError: worth a rerun) with 1."""
+    try:
+        yield
+    except (PipelineError, InfrastructureError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(exc, PipelineError) else 1) from None
+
+
 def config_command(model: type[ConfigModel], run: Callable[[Any], Any],
                    *others: tuple[type[ConfigModel], Callable[[Any], Any]]) -> Callable[..., Any]:
     """Wrap `run(config)` into a typer command whose options are the fields of `model`.
 
-    `--config FILE.yaml` loads a file; each option given on the command line overrides it. A
-    PipelineError (bad config or input) is printed as one line and exits with code 2.
+    `--config FILE.yaml` loads a file; each option given on the command line overrides it. Errors are
+    printed as one line (`one_line_errors`).
 
     With `others`, one command runs several configs told apart by their `kind` field (`kind: clip` in
     the file, or `--kind clip`; the first config when neither says): the options are all the configs'
@@ -211,7 +223,7 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any],
     def command(**kwargs: Any) -> Any:
         path = kwargs.pop("config")
         given = {name: value for name, value in kwargs.items() if value is not None and value != []}
-        try:
+        with one_line_errors():
             kind = kinds[0]
             if len(variants) > 1:
                 kind = config_kind(path, {("kind",): given.get("kind")}) or kinds[0]
@@ -225,9 +237,6 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any],
                                         f"(it is one of {', '.join(map(str, options[name]))})")
                 overrides[options[name][kind][0]] = None if value == "" else value
             return run_config(load_config(config_model, path, overrides))
-        except PipelineError as exc:  # a user mistake: one line, no traceback
-            Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = run.__doc__

@@ -46,6 +46,7 @@ from pipelines.ingest.images import ImageCrawlConfig, crawl_images  # noqa: E402
 from pipelines.ingest.text import TextCrawlConfig, crawl_text  # noqa: E402
 from pipelines.runtime import code_version, failpoint, filesystem, init_ray, settings, worker_logs_to  # noqa: E402
 from pipelines.serve.config import ServeConfig  # noqa: E402
+from pipelines.shards import MANIFEST, absolute, is_local, read_manifest  # noqa: E402
 from pipelines.train.clip import ClipPretrainConfig  # noqa: E402
 from pipelines.train.config import PretrainConfig  # noqa: E402
 from pipelines.train.finetune import FinetuneConfig  # noqa: E402
@@ -98,9 +99,8 @@ def content_digest(url: str) -> str:
     sha256 over a folder's files (names and bytes)."""
     fs, path = filesystem(url)
     path = path.rstrip("/")
-    if fs.isfile(f"{path}/manifest.json"):
-        with fs.open(f"{path}/manifest.json", "rb") as f:
-            return json.load(f)["digest"]
+    if fs.isfile(f"{path}/{MANIFEST}"):
+        return read_manifest(url)["digest"]
     if fs.isfile(path):
         files = [path]
     elif fs.isdir(path):
@@ -209,16 +209,20 @@ def curate_task(config: CurateConfig, inputs: str) -> dict[str, Any]:
     failpoint(stage)
     with _logs_to_run():
         result = curate(config)
-    if not result.ok:
+    if result.failed_shards:
         raise StageIncomplete(f"curating {config.input}: {len(result.failed_shards)} shard(s) failed; "
                               "a rerun resumes them")
+    if not result.ok:  # corrupt input shards: a retry reads the same bytes
+        raise PipelineError(f"curating {config.input}: {len(result.skipped_shards)} corrupt input shard(s) "
+                            f"({', '.join(sorted(result.skipped_shards))}); set allow_skipped_shards to accept "
+                            "the loss")
     s = result.stats
     create_table_artifact(key=stage, description=f"{stage}: samples in, kept and dropped per step", table=[
         {"step": x["step"], "in": x["in"], "kept": x["kept"],
          "dropped": ", ".join(f"{r} {n}" for r, n in x["dropped"].items()) or "-", "seconds": x["seconds"]}
         for x in s["steps"]])
     report = Path(config.output, "report.html")
-    if config.report and "://" not in config.output:
+    if config.report and is_local(filesystem(config.output)[0]):
         create_link_artifact(key=f"{stage}-report", link=report.absolute().as_uri(), link_text=str(report),
                              description=f"{stage}: the curation report (funnel, score histograms)")
     removed = {x["step"]: x["in"] - x["kept"] for x in s["steps"] if x["in"] > x["kept"]}
@@ -226,8 +230,14 @@ def curate_task(config: CurateConfig, inputs: str) -> dict[str, Any]:
             "kept": s["output"]["samples"], "removed": removed}
 
 
-def _train(stage: str, run: Callable[[Any], Any], config: Any, figures: tuple[str, ...]) -> tuple[Any, dict]:
+def _train(stage: str, run: Callable[[Any], Any], config: Any, inputs: str,
+           figures: tuple[str, ...]) -> tuple[Any, dict]:
+    from pipelines.train.pretrain import retry_name
+
     failpoint(stage)
+    # The run is named after what it trains, so that a retry (a worker, node or storage lost mid-run)
+    # continues it from its last checkpoint instead of starting over.
+    config = retry_name(config, f"{config.registry.model_name}-{stage_key(stage, inputs, config)[-12:]}")
     with _logs_to_run():
         result = run(config)
     if result.stopped:
@@ -245,7 +255,7 @@ def pretrain_task(config: PretrainConfig, inputs: str) -> dict[str, Any]:
     """`pipelines pretrain`."""
     from pipelines.train.pretrain import pretrain
 
-    result, out = _train("pretrain", pretrain, config, ("loss", "heldout_loss", "heldout_perplexity"))
+    result, out = _train("pretrain", pretrain, config, inputs, ("loss", "heldout_loss", "heldout_perplexity"))
     return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
 
 
@@ -254,7 +264,7 @@ def pretrain_clip_task(config: ClipPretrainConfig, inputs: str) -> dict[str, Any
     """`pipelines pretrain --kind clip`."""
     from pipelines.train.clip import pretrain_clip
 
-    result, out = _train("pretrain-clip", pretrain_clip, config, CLIP_FIGURES)
+    result, out = _train("pretrain-clip", pretrain_clip, config, inputs, CLIP_FIGURES)
     return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
 
 
@@ -267,7 +277,7 @@ def finetune_task(config: FinetuneConfig, inputs: str) -> dict[str, Any]:
     """`pipelines finetune`."""
     from pipelines.train.finetune import finetune
 
-    result, out = _train("finetune", finetune, config, ("loss", "heldout_loss_before", "heldout_loss"))
+    result, out = _train("finetune", finetune, config, inputs, ("loss", "heldout_loss_before", "heldout_loss"))
     return out | {"base": result.base, "adapter_uri": result.registered.uri if result.registered else None}
 
 
@@ -562,7 +572,7 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
     if config.until != "curate":
         corpus = outcomes["curate-text"]["result"]
         pre = config.pretrain.model_copy(deep=True)
-        pre.data.shards = str(Path(corpus["output"]).absolute()) if "://" not in corpus["output"] else corpus["output"]
+        pre.data.shards = absolute(corpus["output"])
         pretraining = Stage(pretrain_task, pre, corpus["digest"], _model_still_there("model_uri"), config.refresh,
                             wait_for=[curations["text"].future])
         outcomes["pretrain"] = _outcome("pretrain", *pretraining.settle())
@@ -579,7 +589,7 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
         if config.clip:  # after the LM's training, not beside it: both would want the same CPUs
             images = outcomes.get("curate-images", outcomes["crawl-images"])["result"]
             clip = config.clip.model_copy(deep=True)
-            clip.data.shards = images["output"] if "://" in images["output"] else str(Path(images["output"]).absolute())
+            clip.data.shards = absolute(images["output"])
             upstream = curations.get("images") or crawls["images"]
             clip_training = Stage(pretrain_clip_task, clip, images["digest"], _model_still_there("model_uri"),
                                   config.refresh, wait_for=[upstream.future, pretraining.future])

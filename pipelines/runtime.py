@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def prefect_env() -> None:
 
 
 # Modules every stage's output depends on, besides the stage's own package.
-SHARED_MODULES = ("config.py", "errors.py", "runtime.py")
+SHARED_MODULES = ("config.py", "errors.py", "runtime.py", "shards.py")
 
 
 @functools.cache
@@ -94,15 +93,36 @@ _failpoint_lock = threading.Lock()
 
 
 def failpoint(name: str) -> None:
-    """Fail the first N times `name` is reached in this process when `PIPELINES_FAILPOINTS` says
-    `name=N` (comma-separated). How the tests plant a transient failure in a real run, to see it retried."""
-    spec = dict(item.split("=", 1) for item in os.environ.get("PIPELINES_FAILPOINTS", "").split(",") if "=" in item)
-    if name not in spec:
+    """Fail the first N times `name` is reached when `PIPELINES_FAILPOINTS` says `name=N` (comma-separated).
+    How the tests plant a transient failure in a real run, to see it retried.
+
+    Hits are counted in this process, or across processes (Ray workers, restarted workers, retries) in
+    the folder `PIPELINES_FAILPOINTS_STATE` when it is set: a planted failure then happens N times in all.
+    """
+    spec = os.environ.get("PIPELINES_FAILPOINTS")
+    if not spec or name not in spec:
         return
-    with _failpoint_lock:
-        hits = _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
-    if hits <= int(spec[name]):
-        raise InjectedFault(f"failpoint {name}: planted failure {hits} of {spec[name]}")
+    planted = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    if name not in planted:
+        return
+    limit = int(planted[name])
+    state = os.environ.get("PIPELINES_FAILPOINTS_STATE")
+    if state:
+        os.makedirs(state, exist_ok=True)
+        for hits in range(1, limit + 1):
+            try:  # O_EXCL: exactly one process takes each hit
+                os.close(os.open(os.path.join(state, f"{name}.{hits}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                continue
+        else:
+            return
+    else:
+        with _failpoint_lock:
+            hits = _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
+        if hits > limit:
+            return
+    raise InjectedFault(f"failpoint {name}: planted failure {hits} of {limit}")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -199,9 +219,3 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a local path or any fsspec URL (`s3://...`)."""
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
-
-
-def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A path of `fs` as a URL that any process can open: an absolute path on local disk, else with its
-    protocol (`s3://bucket/key`; fsspec's paths leave it out)."""
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)

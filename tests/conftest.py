@@ -531,3 +531,79 @@ def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bucket]
     client.create_bucket(Bucket=name)
     yield Bucket(name, client)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+# -- a scripted web on another loopback address ----------------------------------------------------
+class ScriptedWeb:
+    """A real HTTP server whose answer for each path a test scripts (`answer(path, status, ...)`);
+    other paths get 404. It listens on 127.0.0.2 by default, so that a test can allow exactly this
+    address to a guarded crawl (`allowed_networks=["127.0.0.2/32"]`) while 127.0.0.1, where `web`
+    listens, stays a refused private address: a hostile "public" site and a private target."""
+
+    def __init__(self, address: str = "127.0.0.2"):
+        self.requests: list[Request] = []
+        self._answers: dict[str, tuple[int, bytes, dict[str, str]]] = {}
+        self._lock = threading.Lock()
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                with scripted._lock:
+                    scripted.requests.append(Request(self.path, self.headers.get("Host", ""),
+                                                     self.headers.get("User-Agent", ""), time.monotonic()))
+                status, body, headers = scripted._answers.get(urlsplit(self.path).path, (404, b"no such path", {}))
+                # Written by hand: http.server cannot send a non-Latin-1 header; hostile servers do (UTF-8).
+                head = [f"HTTP/1.1 {status} Scripted", f"Content-Length: {len(body)}"]
+                head += [f"{k}: {v}" for k, v in headers.items()]
+                self.wfile.write("\r\n".join(head).encode() + b"\r\n\r\n" + body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        while True:  # robots.txt rules are cached per origin: never reuse an earlier server's port
+            self._httpd = _Server((address, 0), Handler)
+            if self._httpd.server_address[1] not in _USED_PORTS:
+                break
+            self._httpd.server_close()
+        self.port = self._httpd.server_address[1]
+        _USED_PORTS.add(self.port)
+        self.base = f"http://{address}:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"scripted-{self.port}", daemon=True)
+        self._thread.start()
+
+    def answer(self, path: str, status: int = 200, body: bytes | str = b"", headers: dict[str, str] | None = None,
+               ) -> "ScriptedWeb":
+        self._answers[path] = (status, body.encode() if isinstance(body, str) else body, headers or {})
+        return self
+
+    def redirect(self, path: str, location: str, status: int = 302) -> "ScriptedWeb":
+        return self.answer(path, status, headers={"Location": location})
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def hits(self, path: str) -> int:
+        with self._lock:
+            return sum(1 for r in self.requests if urlsplit(r.path).path == path)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def make_scripted_web() -> Iterator[Callable[..., ScriptedWeb]]:
+    """Start scripted servers (`ScriptedWeb`); all stopped at the end."""
+    servers: list[ScriptedWeb] = []
+
+    def make(address: str = "127.0.0.2") -> ScriptedWeb:
+        servers.append(ScriptedWeb(address))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()

@@ -20,10 +20,10 @@ import io
 import json
 import os
 import sys
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -42,12 +42,12 @@ from pipelines import __version__
 from pipelines.config import ConfigModel
 from pipelines.curate.dedup import SHARD_BITS
 from pipelines.curate.registry import build_step
-from pipelines.curate.step import DedupStep, Duplicates, SignatureRef, Step
+from pipelines.curate.step import DedupStep, Duplicates, SignatureRef, Step, code_digest, scoring
 from pipelines.errors import PipelineError
-from pipelines.ingest.shards import MANIFEST, ShardOutput, ShardWriter, shard_files, write_manifest
-from pipelines.runtime import cluster_cpus, filesystem, init_ray, url_of
+from pipelines.runtime import cluster_cpus, filesystem, init_ray
+from pipelines.shards import (MANIFEST, TAR_ERRORS, ShardOutput, ShardWriter, image_of, owned, read_manifest,
+                              shard_files, tar_samples, url_of, write_file, write_manifest)
 
-IMAGE_EXTS = ("jpg", "jpeg", "webp", "png")
 REMOVED = "removed.parquet"
 STATS = "stats.json"
 REPORT = "report.html"
@@ -68,9 +68,13 @@ class CurateConfig(ConfigModel):
     task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard task whose worker died.")
     report: bool = Field(True, description="Write report.html next to the output.")
     quiet: bool = Field(False, description="No progress bar or summary.")
+    force: bool = Field(False, description=(
+        "Recompute everything: every score, signature, duplicate set and shard, cached or not."))
+    allow_skipped_shards: bool = Field(False, description=(
+        "Succeed (exit 0) even when corrupt input shards were skipped; by default they fail the run."))
 
     run_options = {"output": True, "partitions": True, "max_in_flight": True, "task_retries": True,
-                   "report": True, "quiet": True}
+                   "report": True, "quiet": True, "force": True, "allow_skipped_shards": True}
 
 
 @dataclass
@@ -79,10 +83,13 @@ class CurateResult:
     stats: dict[str, Any]
     up_to_date: bool = False
     failed_shards: dict[str, str] = field(default_factory=dict)
+    skipped_shards: dict[str, str] = field(default_factory=dict)  # corrupt input shards, left out
+    allow_skipped_shards: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed_shards
+        """No shard failed, and none was skipped unless the run was told to accept that loss."""
+        return not self.failed_shards and (self.allow_skipped_shards or not self.skipped_shards)
 
 
 @dataclass
@@ -91,7 +98,18 @@ class Phase:
     row_steps: list[tuple[str, Step]]
     dedup: tuple[str, DedupStep] | None
     digest: str  # of everything that decides this phase's work files
+    keys: dict[str, StepKey]  # every step's cache identity, by label
     dedup_digest: str | None = None  # and of the dedup's result (its thresholds too)
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """A step's cache identity, computed on the driver (where its module's source is): `score` keys
+    what it caches per row (code and every parameter but thresholds), `full` what it decides (code
+    and every parameter)."""
+
+    score: str
+    full: str
 
 
 @dataclass
@@ -111,26 +129,44 @@ class ShardJob:
     run_digest: str
     drops: dict[str, np.ndarray] | None = None  # rows of the source removed by the previous dedup
     drop_label: str | None = None
+    force: bool = False  # recompute, whatever the caches hold
 
 
 def curate(config: CurateConfig) -> CurateResult:
-    """Curate the shards of `config.input` with `config.steps` into `config.output`."""
+    """Curate the shards of `config.input` with `config.steps` into `config.output`, holding the output
+    for the run (a second run into it is refused)."""
     started = time.time()
+    in_fs, in_root = filesystem(config.input)
+    manifest = read_manifest(config.input)
+    labelled = _build_steps(config.steps, manifest, in_fs, in_root)
+    out = ShardOutput(config.output)  # only once the config holds: a mistake leaves no output folder behind
+    with owned(out):
+        return _curate(config, out, manifest, labelled, started)
+
+
+def _curate(config: CurateConfig, out: ShardOutput, manifest: dict[str, Any], labelled: list[tuple[str, Step]],
+            started: float) -> CurateResult:
     console = Console(stderr=True, quiet=config.quiet)
     in_fs, in_root = filesystem(config.input)
-    manifest = _read_input_manifest(in_fs, in_root, config.input)
-    labelled = _build_steps(config.steps, manifest, in_fs, in_root)
-    run_digest = hashlib.sha256(f"{config.digest()} {manifest['digest']} {__version__}".encode()).hexdigest()
-    out = ShardOutput(config.output)
-    if out.fs.exists(out.path(MANIFEST)):
+    keys = {label: _step_key(step) for label, step in labelled}
+    # The run's identity: config, input, and code (the package, curate's own modules, every step's module).
+    run_digest = _sha(config.digest(), manifest["digest"], __version__, _core_digest(),
+                      *(keys[label].full for label, _ in labelled))
+    if out.fs.exists(out.path(MANIFEST)) and not config.force:
         previous = out.read_json(MANIFEST)
-        if previous.get("run_digest") == run_digest:
-            console.print(f"{config.output}: up to date (same input and config); nothing to do")
-            return CurateResult(previous, out.read_json(STATS), up_to_date=True)
-        out.fs.rm(out.path(MANIFEST))  # the shards are about to change: no stale manifest beside them
-    out.remove_stale_temporaries()
+        previous_stats = out.read_json(STATS) if out.fs.exists(out.path(STATS)) else {}
+        # A run that had failed shards is resumed, never taken as done.
+        if previous.get("run_digest") == run_digest and not previous_stats.get("input", {}).get("failed_shards"):
+            console.print(f"{config.output}: up to date (same input, config and code); nothing to do")
+            result = CurateResult(previous, previous_stats, up_to_date=True,
+                                  skipped_shards=previous_stats["input"]["corrupt_shards"],
+                                  allow_skipped_shards=config.allow_skipped_shards)
+            _report_skipped(console, result)
+            return result
+    # The shards are about to change: no stale manifest beside them, no shard of another run among them.
+    out.remove_shards(keep=lambda stats: stats.get("config_digest") == run_digest)
 
-    phases = _plan(labelled, run_digest, manifest["digest"])
+    phases = _plan(labelled, keys, manifest["digest"])
     # Shard tasks run in other processes, maybe on other machines: they get URLs, never bare paths.
     in_url = url_of(in_fs, in_root.rstrip("/"))
     work_root = url_of(out.fs, out.path("_work"))
@@ -159,7 +195,8 @@ def curate(config: CurateConfig) -> CurateResult:
             ("work", f"{work_root}/p{phase.index - 1}-{phases[phase.index - 1].digest[:16]}/{sid:05d}.parquet"),
             input_parquet=f"{in_url}/{entries[sid]['parquet']}", input_sha256=entries[sid].get("sha256"),
             work_dir=work_dir, score_dir=f"{work_root}/scores", final=final, output=url_of(out.fs, out.root),
-            run_digest=run_digest, drops=drops_by_shard.get(sid), drop_label=drop_label) for sid in alive]
+            run_digest=run_digest, drops=drops_by_shard.get(sid), drop_label=drop_label, force=config.force)
+            for sid in alive]
         results = _run_jobs(jobs, config, console, f"phase {phase.index + 1}/{len(phases)}", in_fs)
         for sid, res in results.items():
             if "corrupt" in res:
@@ -178,7 +215,8 @@ def curate(config: CurateConfig) -> CurateResult:
             label, step = phase.dedup
             t0 = time.time()
             refs = [SignatureRef(sid, f"{work_dir}/{sid:05d}.sig.npz", results[sid]["rows_out"]) for sid in alive]
-            dups = _find_duplicates(step, refs, parts, f"{work_dir}/dups-{phase.dedup_digest[:16]}.parquet")
+            dups = _find_duplicates(step, refs, parts, f"{work_dir}/dups-{phase.dedup_digest[:16]}.parquet",
+                                    config.force)
             step_stats[label]["seconds"] += time.time() - t0
             timings[-1].update(dedup=label, find_duplicates_s=round(time.time() - t0, 3))
             drops_by_shard = _drops_by_shard(dups)
@@ -204,71 +242,102 @@ def curate(config: CurateConfig) -> CurateResult:
          "samples_out": stats["output"]["samples"], "corrupt_shards": len(corrupt), "failed_shards": len(failed)},
         extra={"run_digest": run_digest, "input": {"path": config.input, "digest": manifest["digest"],
                                                    "kind": kind}})
-    result = CurateResult(new_manifest, stats, failed_shards=failed)
+    result = CurateResult(new_manifest, stats, failed_shards=failed, skipped_shards=corrupt,
+                          allow_skipped_shards=config.allow_skipped_shards)
     if not config.quiet:
         print_summary(console, config.output, stats)
+    _report_skipped(console, result)
     return result
 
 
+def _report_skipped(console: Console, result: CurateResult) -> None:
+    """Skipped input shards fail the run unless it was told to accept them: say so, even when quiet."""
+    if result.skipped_shards and not result.allow_skipped_shards:
+        Console(stderr=True).print(
+            f"[red]{len(result.skipped_shards)} corrupt input shard(s) skipped "
+            f"({', '.join(sorted(result.skipped_shards))}); their samples are not in the output. "
+            "Rerun with --allow-skipped-shards to accept the loss.[/red]", highlight=False)
+
+
 # Planning ----------------------------------------------------------------------------------------
-
-def _read_input_manifest(fs: Any, root: str, url: str) -> dict[str, Any]:
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    try:
-        with fs.open(path, "rb") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise PipelineError(f"{url}: no {MANIFEST}; expected the output folder of `pipelines crawl` or `curate`") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{url}/{MANIFEST}: unreadable ({exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list) or "digest" not in manifest:
-        raise PipelineError(f"{url}/{MANIFEST}: not a shard manifest (no `shards` list or `digest`)")
-    return manifest
-
 
 def _build_steps(specs: list[dict[str, Any]], manifest: dict[str, Any], fs: Any, root: str) -> list[tuple[str, Step]]:
     steps = [build_step(spec, i) for i, spec in enumerate(specs)]
     if not steps:
         raise PipelineError("no curation steps configured (set `steps:` in the --config YAML)")
-    base = {"key", "text"} | ({"image"} if manifest.get("kind") == "images" else set())
-    for s in manifest["shards"][:1]:
+    base = {"key", "text"} | ({"image", "image_ext"} if manifest.get("kind") == "images" else set())
+    schema = _first_schema(manifest, fs, root)
+    if schema is None:
+        return _labelled(steps)  # no readable shard: every one is reported as corrupt when it is read
+    base |= set(schema.names)
+    # Each step's columns against the shards' and those the steps before it add. A step that does not
+    # declare what it adds (`adds`) leaves the later ones to the check before each batch (`_check_columns`).
+    available, added, undeclared = set(base), [], False
+    for i, step in enumerate(steps):
+        missing = [c for c in step.required_columns() if c not in available]
+        if missing and not undeclared:
+            raise PipelineError(f"steps[{i}] ({step.name}) needs column(s) {', '.join(missing)}; "
+                                f"the shards have: {', '.join(sorted(base))}"
+                                + (f"; earlier steps add: {', '.join(added)}" if added else ""))
+        adds = step.added_columns()
+        undeclared = undeclared or adds is None
+        available |= set(adds or ())
+        added += [c for c in adds or () if c not in added]
+    return _labelled(steps)
+
+
+def _first_schema(manifest: dict[str, Any], fs: Any, root: str) -> pa.Schema | None:
+    """The metadata schema of the first input shard whose parquet reads."""
+    for s in manifest["shards"]:
         try:
-            base |= set(pq.read_schema(fs.open(f"{root.rstrip('/')}/{s['parquet']}", "rb")).names)
+            with fs.open(f"{root.rstrip('/')}/{s['parquet']}", "rb") as f:
+                return pq.read_schema(f)
         except (OSError, pa.ArrowInvalid):
-            pass  # reported as a corrupt shard when it is read
+            continue
+    return None
+
+
+def _labelled(steps: list[Step]) -> list[tuple[str, Step]]:
+    """Each step with its label: its name, numbered from the second use on (`length#2`)."""
     labelled: list[tuple[str, Step]] = []
     seen: Counter = Counter()
-    for i, step in enumerate(steps):
-        # Columns added by earlier steps are only known when they run; check against the shards'.
-        if not any(type(s).score is not Step.score for _, s in labelled):
-            missing = [c for c in step.required_columns() if c not in base]
-            if missing:
-                raise PipelineError(f"steps[{i}] ({step.name}) needs column(s) {', '.join(missing)}; "
-                                    f"the shards have: {', '.join(sorted(base))}")
+    for step in steps:
         seen[step.name] += 1
         labelled.append((step.name if seen[step.name] == 1 else f"{step.name}#{seen[step.name]}", step))
     return labelled
 
 
-def _step_digest(step: Step, full: bool) -> str:
-    params = step.params.model_dump(mode="json") if full else step.params.score_digest()
-    return json.dumps([type(step).__module__, type(step).__qualname__, params], sort_keys=True)
+def _step_key(step: Step) -> StepKey:
+    """The step's cache identity: its class, its code (`code_digest`) and its parameters."""
+    cls = type(step)
+    ident = (cls.__module__, cls.__qualname__, code_digest(cls))
+    return StepKey(score=_sha(*ident, step.params.score_digest()),
+                   full=_sha(*ident, json.dumps(step.params.model_dump(mode="json"), sort_keys=True)))
 
 
-def _plan(labelled: list[tuple[str, Step]], run_digest: str, input_digest: str) -> list[Phase]:
+def _core_digest() -> str:
+    """sha256 of curate's own code: this module, the step API, the dedup engine and the shard format."""
+    from pipelines import shards
+    from pipelines.curate import dedup, step
+
+    return _sha(*(hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
+                  for m in (sys.modules[__name__], step, dedup, shards)))
+
+
+def _plan(labelled: list[tuple[str, Step]], keys: dict[str, StepKey], input_digest: str) -> list[Phase]:
     """Cut the steps into phases at each dedup; digest each phase by all it depends on."""
     phases: list[Phase] = []
-    chain = f"{input_digest} {__version__}"
+    chain = _sha(input_digest, __version__, _core_digest())
     current: list[tuple[str, Step]] = []
     for label, step in labelled:
         if isinstance(step, DedupStep):
-            chain = _sha(chain, *(_step_digest(s, True) for _, s in current), _step_digest(step, False))
-            phases.append(Phase(len(phases), current, (label, step), chain, _sha(chain, _step_digest(step, True))))
+            chain = _sha(chain, *(keys[lb].full for lb, _ in current), keys[label].score)
+            phases.append(Phase(len(phases), current, (label, step), chain, keys, _sha(chain, keys[label].full)))
             chain = phases[-1].dedup_digest
             current = []
         else:
             current.append((label, step))
-    phases.append(Phase(len(phases), current, None, _sha(chain, *(_step_digest(s, True) for _, s in current))))
+    phases.append(Phase(len(phases), current, None, _sha(chain, *(keys[lb].full for lb, _ in current)), keys))
     return phases
 
 
@@ -318,9 +387,9 @@ def _run_jobs(jobs: list[ShardJob], config: CurateConfig, console: Console, titl
                 sid = pending.pop(ref)
                 try:
                     results[sid] = ray.get(ref)
-                except PipelineError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 - one failed shard does not stop the others
+                    # A user's mistake met in a task (a step's bad column or code) stops the run, in one line:
+                    # the error itself, not Ray's wrapper with the worker's traceback.
                     cause = getattr(exc, "cause", None)
                     if isinstance(cause, PipelineError):
                         raise cause from None
@@ -331,6 +400,8 @@ def _run_jobs(jobs: list[ShardJob], config: CurateConfig, console: Console, titl
 
 def _done_result(job: ShardJob) -> dict | None:
     """The result of a shard task that already ran with the same inputs, if its files are all there."""
+    if job.force:
+        return None
     fs, _ = filesystem(job.work_dir)
     marker = _output_stats_path(job) if job.final else f"{job.work_dir}/{job.shard:05d}.result.json"
     try:
@@ -374,9 +445,11 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
     for label, step in job.phase.row_steps:
         t0 = time.time()
         n_in = len(batch)
+        _check_columns(step, label, batch)
         scores = _scores(step, label, batch, job, fs, chain)
         if type(step).transform is not Step.transform:
-            chain = _sha(chain, _step_digest(step, False))
+            # Later scores are of the rewritten rows: keyed by all that rewrote them (any parameter may).
+            chain = _sha(chain, job.phase.keys[label].full)
         for name in scores.columns:
             batch[name] = scores[name].to_numpy()
             if name not in score_columns:
@@ -406,22 +479,34 @@ def run_shard(job: ShardJob) -> dict[str, Any]:
     if job.phase.dedup is not None:
         label, step = job.phase.dedup
         t0 = time.time()
+        _check_columns(step, label, batch)
         # A global step may score its rows first (cached per row, as for row steps); the columns stay on the rows.
         scores = _scores(step, label, batch, job, fs, chain)
         for name in scores.columns:
             batch[name] = scores[name].to_numpy()
-        sig = step.signature(batch) if len(batch) else _empty_signature(step)
+        # Signatures and priorities are cached with the phase, keyed without thresholds, as scores are.
+        with scoring(step):
+            sig = step.signature(batch) if len(batch) else _empty_signature(step)
+            sig["priority"] = step.priority(batch) if len(batch) else np.zeros(0)
         sig["gid"] = (np.int64(job.shard) << SHARD_BITS) + np.arange(len(batch), dtype=np.int64)
         sig["key"] = np.array(batch["key"].astype(str).tolist(), dtype="S") if len(batch) else np.zeros(0, "S1")
-        sig["priority"] = step.priority(batch) if len(batch) else np.zeros(0)
         buf = io.BytesIO()
         np.savez(buf, **sig)
-        _put(fs, f"{job.work_dir}/{job.shard:05d}.sig.npz", buf.getvalue())
+        write_file(fs, f"{job.work_dir}/{job.shard:05d}.sig.npz", buf.getvalue())
         # Only the time here: rows in, kept and dropped are counted where the duplicates are dropped.
         step_stats[label] = {"in": 0, "kept": 0, "dropped": {}, "seconds": time.time() - t0}
     _write_parquet(fs, f"{job.work_dir}/{job.shard:05d}.parquet", batch, None)
-    _put(fs, f"{job.work_dir}/{job.shard:05d}.result.json", json.dumps(result).encode())
+    write_file(fs, f"{job.work_dir}/{job.shard:05d}.result.json", json.dumps(result).encode())
     return result
+
+
+def _check_columns(step: Step, label: str, batch: pd.DataFrame) -> None:
+    """The columns a step reads, on the rows it is about to see (those an undeclared step adds are only
+    known here: see `_build_steps`). An empty batch has no score columns and is not checked."""
+    missing = [c for c in step.required_columns() if c not in batch.columns]
+    if missing and len(batch):
+        raise PipelineError(f"step {label} needs column(s) {', '.join(missing)}; its rows have: "
+                            f"{', '.join(sorted(map(str, batch.columns)))}")
 
 
 class CorruptShard(Exception):
@@ -440,17 +525,12 @@ def _read_source(job: ShardJob, fs: Any) -> tuple[pd.DataFrame, int, pd.DataFram
         data = in_fs.cat_file(path)
         if job.input_sha256 and hashlib.sha256(data).hexdigest() != job.input_sha256:
             raise CorruptShard(f"{os.path.basename(path)}: sha256 differs from the manifest (truncated or changed)")
-        samples: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                if member.isfile():
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        samples = tar_samples(io.BytesIO(data))
         with in_fs.open(job.input_parquet, "rb") as f:
             meta = pq.read_table(f).to_pandas()
     except CorruptShard:
         raise
-    except (OSError, tarfile.TarError, pa.ArrowException, EOFError) as exc:
+    except (*TAR_ERRORS, pa.ArrowException) as exc:
         raise CorruptShard(f"{os.path.basename(path)}: {type(exc).__name__}: {exc}") from exc
     rows_in = len(meta)
     if "status" in meta:
@@ -460,9 +540,9 @@ def _read_source(job: ShardJob, fs: Any) -> tuple[pd.DataFrame, int, pd.DataFram
     meta = meta[present].reset_index(drop=True)
     files = [samples[k] for k in meta["key"]]
     if job.kind == "images":
-        ext = [next((e for e in IMAGE_EXTS if e in f), None) for f in files]
-        meta["image"] = [f.get(e) if e else None for f, e in zip(files, ext, strict=True)]
-        meta["image_ext"] = ext
+        images = [image_of(f) or (None, None) for f in files]
+        meta["image"] = [data for _, data in images]
+        meta["image_ext"] = [ext for ext, _ in images]
         meta["text"] = [f["txt"].decode("utf-8", "replace") if "txt" in f else "" for f in files]
     else:
         meta["text"] = [f.get("txt", b"").decode("utf-8", "replace") for f in files]
@@ -489,20 +569,26 @@ def _scores(step: Step, label: str, batch: pd.DataFrame, job: ShardJob, fs: Any,
     """The step's score columns for the batch: from the cache for rows scored before, computed for the rest."""
     if type(step).score is Step.score or not len(batch):
         return pd.DataFrame(index=batch.index)
-    digest = _sha(chain, _step_digest(step, False))[:16]
+    digest = _sha(chain, job.phase.keys[label].score)[:16]
     path = f"{job.score_dir}/{label}-{digest}/{job.shard:05d}.parquet"
     cached = None
     try:
-        with fs.open(path, "rb") as f:
-            cached = pq.read_table(f).to_pandas().set_index("key")
+        if not job.force:
+            with fs.open(path, "rb") as f:
+                cached = pq.read_table(f).to_pandas().set_index("key")
     except (FileNotFoundError, pa.ArrowException):
         pass
     keys = batch["key"].astype(str)
     if cached is not None and keys.isin(cached.index).all():
         return cached.loc[keys].set_index(batch.index)
     todo = batch if cached is None else batch[~keys.isin(cached.index)]
-    fresh = step.score(todo)
+    with scoring(step):
+        fresh = step.score(todo)
     fresh = pd.DataFrame(fresh, index=todo.index) if not isinstance(fresh, pd.DataFrame) else fresh.set_index(todo.index)
+    declared = step.added_columns()
+    if declared is not None and sorted(fresh.columns) != sorted(declared):
+        raise PipelineError(f"step {label}: score() returned column(s) {', '.join(map(str, fresh.columns))} "
+                            f"but declares adds = {declared}")
     fresh.insert(0, "key", keys[todo.index])
     table = fresh.set_index("key") if cached is None else pd.concat([cached, fresh.set_index("key")])
     fs.makedirs(os.path.dirname(path), exist_ok=True)
@@ -516,7 +602,7 @@ def _removal_rows(gone: pd.DataFrame, label: str, why: pd.Series, score_columns:
     return pd.DataFrame({
         "key": gone["key"].astype(str).to_numpy(), "step": label, "reason": why.astype(str).to_numpy(),
         "cluster_id": None, "kept_key": None, "similarity": np.nan,
-        "scores": [json.dumps(s, default=_json_default) for s in scores],
+        "scores": [_json(s) for s in scores],
         "chars": text.fillna("").str.len().to_numpy(),
         "width": _int_column(gone, "original_width", "width"), "height": _int_column(gone, "original_height", "height"),
     })
@@ -529,12 +615,47 @@ def _int_column(frame: pd.DataFrame, *names: str) -> Any:
     return pd.array([None] * len(frame), dtype="Int64")
 
 
-def _json_default(value: Any) -> Any:
+def _json(value: Any) -> str:
+    """Strict JSON (no bare NaN or Infinity: those are null), as every JSON reader takes it."""
+    return json.dumps(_json_value(value), allow_nan=False, default=str)
+
+
+def _json_value(value: Any) -> Any:
     if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return str(value)
+        value = value.item()
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _metadata_table(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """The rows' metadata as a table typed as the input shard's: pandas turns an integer column with
+    nulls into floats and nulls into NaN, which this undoes. A score column, or a column a step rewrote
+    into another type, gets the type of its values."""
+    fields, arrays = [], []
+    for name in frame.columns:
+        if name in schema.names:
+            try:
+                arrays.append(pa.array(frame[name], type=schema.field(name).type, from_pandas=True))
+                fields.append(schema.field(name))
+                continue
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
+        values = pa.array(frame[name], from_pandas=True)
+        plain = {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}.get(values.type, values.type)
+        arrays.append(values.cast(plain))
+        fields.append(pa.field(str(name), plain))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
+
+
+def _input_schema(job: ShardJob) -> pa.Schema:
+    fs, _ = filesystem(job.input_parquet)
+    with fs.open(job.input_parquet, "rb") as f:
+        return pq.read_schema(f)
 
 
 def _empty_signature(step: DedupStep) -> dict[str, np.ndarray]:
@@ -546,19 +667,7 @@ def _write_parquet(fs: Any, path: str, frame: pd.DataFrame, schema: pa.Schema | 
     table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    _put(fs, path, buf.getvalue())
-
-
-def _put(fs: Any, path: str, data: bytes) -> None:
-    """Write whole (a temporary renamed into place on local disks; one PUT on object stores)."""
-    fs.makedirs(os.path.dirname(path), exist_ok=True)
-    if fs.protocol in ("file", ("file", "local")) or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    write_file(fs, path, buf.getvalue())
 
 
 def _write_output_shard(job: ShardJob, batch: pd.DataFrame, rows_in: int, started: float,
@@ -569,8 +678,8 @@ def _write_output_shard(job: ShardJob, batch: pd.DataFrame, rows_in: int, starte
     if job.kind == "images" and "caption" in batch:
         batch["caption"] = batch["text"].where(batch["caption"].notna() | (batch["text"] != ""), None)
     try:
-        records = batch[meta_columns].to_dict("records")
-        for i, meta in enumerate(records):
+        table = _metadata_table(batch[meta_columns], _input_schema(job))
+        for i, meta in enumerate(table.to_pylist()):
             files: dict[str, bytes] = {}
             if job.kind == "images":
                 if batch["image"].iat[i] is not None:
@@ -579,9 +688,8 @@ def _write_output_shard(job: ShardJob, batch: pd.DataFrame, rows_in: int, starte
                     files["txt"] = batch["text"].iat[i].encode()
             else:
                 files["txt"] = batch["text"].iat[i].encode()
-            files["json"] = json.dumps(meta, default=_json_default).encode()
+            files["json"] = _json(meta).encode()
             writer.add(str(meta["key"]), files)
-        table = pa.Table.from_pandas(batch[meta_columns], preserve_index=False)
         stats = {"config_digest": job.run_digest, "count": rows_in, "successes": len(batch),
                  "status": {"success": len(batch)}, "start_time": started, "end_time": time.time(),
                  "duration": round(time.time() - started, 3), "curate_result": None}
@@ -596,16 +704,17 @@ def _write_output_shard(job: ShardJob, batch: pd.DataFrame, rows_in: int, starte
 
 # Dedup on the driver -----------------------------------------------------------------------------
 
-def _find_duplicates(step: DedupStep, refs: list[SignatureRef], parts: int, path: str) -> Duplicates:
-    """The step's duplicates, cached by everything that decides them."""
+def _find_duplicates(step: DedupStep, refs: list[SignatureRef], parts: int, path: str, force: bool) -> Duplicates:
+    """The step's duplicates, cached by everything that decides them (recomputed when `force`)."""
     fs, _ = filesystem(path)
-    try:
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f).to_pandas()
-        return Duplicates(t["gid"].to_numpy(np.int64), t["cluster"].tolist(), t["kept_key"].tolist(),
-                          t["reason"].tolist(), t["similarity"].tolist())
-    except (FileNotFoundError, pa.ArrowException):
-        pass
+    if not force:
+        try:
+            with fs.open(path, "rb") as f:
+                t = pq.read_table(f).to_pandas()
+            return Duplicates(t["gid"].to_numpy(np.int64), t["cluster"].tolist(), t["kept_key"].tolist(),
+                              t["reason"].tolist(), t["similarity"].tolist())
+        except (FileNotFoundError, pa.ArrowException):
+            pass
     dups = step.find_duplicates(refs, parts) if refs else Duplicates(np.zeros(0, np.int64), [], [], [], [])
     _write_parquet(fs, path, pd.DataFrame({"gid": dups.gid, "cluster": dups.cluster, "kept_key": dups.kept_key,
                                            "reason": dups.reason, "similarity": dups.similarity}), None)

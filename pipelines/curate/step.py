@@ -12,7 +12,10 @@ taggers, datatrove's filters):
   thresholds in `self.params`. Use `reasons(...)` to build it.
 
 Parameters are a pydantic model (`Params`) validated from the YAML config; fields made with
-`threshold(...)` only feed `drop`, so they are left out of the score cache's key.
+`threshold(...)` only feed `drop`, so they are left out of the score cache's key. What `score` (and a
+dedup's `signature` and `priority`) may read is checked: reading a threshold there is an error, since a
+cached score would go stale when the threshold changes. A step's cache identity is also its code: the
+source of the modules defining its class and its bases (`code_digest`), so editing a step recomputes it.
 
     class MinWords(Step):
         '''Drop documents with fewer than `min_words` words.'''
@@ -36,14 +39,21 @@ signature, which is how `clip_score` keeps the top fraction of all scores.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import inspect
 import json
+import marshal
+import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.errors import PipelineError
 
 
 class StepParams(BaseModel):
@@ -51,11 +61,14 @@ class StepParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @classmethod
+    def thresholds(cls) -> set[str]:
+        """Names of the fields made with `threshold(...)`: they only decide keep/drop."""
+        return {name for name, f in cls.model_fields.items() if (f.json_schema_extra or {}).get("threshold")}
+
     def score_digest(self) -> str:
         """sha256 of the parameters that change scores (all but thresholds)."""
-        thresholds = {name for name, f in type(self).model_fields.items()
-                      if (f.json_schema_extra or {}).get("threshold")}
-        blob = json.dumps(self.model_dump(mode="json", exclude=thresholds), sort_keys=True)
+        blob = json.dumps(self.model_dump(mode="json", exclude=self.thresholds()), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -85,8 +98,10 @@ class Step:
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[StepParams]] = StepParams
-    # Columns the step reads; checked against the shards before anything runs.
+    # Columns the step reads; checked against the shards (and earlier steps' `adds`) before anything runs.
     columns: ClassVar[tuple[str, ...]] = ("text",)
+    # Columns its score() adds; None: not declared (later steps' needs are then checked as each batch runs).
+    adds: ClassVar[tuple[str, ...] | None] = None
     # What one copy of the step needs; Ray places the shard tasks accordingly.
     num_cpus: ClassVar[float] = 1
     num_gpus: ClassVar[float] = 0
@@ -98,6 +113,10 @@ class Step:
         """Columns the shards must have (or an earlier step must add) for this step to run."""
         return self.columns
 
+    def added_columns(self) -> tuple[str, ...] | None:
+        """Columns score() adds (None when the step does not say)."""
+        return () if type(self).score is Step.score else self.adds
+
     def score(self, batch: pd.DataFrame) -> pd.DataFrame | dict[str, Any] | None:
         return None
 
@@ -106,6 +125,71 @@ class Step:
 
     def drop(self, batch: pd.DataFrame) -> pd.Series | None:
         return None
+
+
+class ThresholdReadInScore(PipelineError):
+    """A step's score (or signature, or priority) read a parameter declared as a threshold."""
+
+
+class _ScoringParams:
+    """A step's parameters as its scoring code sees them: every field but the thresholds."""
+
+    def __init__(self, params: StepParams, step: str):
+        self._params, self._step, self._thresholds = params, step, params.thresholds()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._thresholds:
+            raise ThresholdReadInScore(
+                f"step {self._step}: its scoring code reads `{name}`, declared with threshold(...); scores are "
+                f"cached without thresholds, so they would go stale when `{name}` changes: declare it with "
+                "Field(...) instead")
+        value = getattr(self._params, name)
+        if name in ("model_dump", "model_dump_json"):
+            return functools.partial(_without, value, self._thresholds)
+        return value
+
+
+def _without(dump: Any, thresholds: set[str], *args: Any, exclude: Any = None, **kwargs: Any) -> Any:
+    return dump(*args, exclude=set(exclude or ()) | thresholds, **kwargs)
+
+
+@contextlib.contextmanager
+def scoring(step: Step) -> Iterator[Step]:
+    """The step with `params` hiding its thresholds, for what is cached per row: `score`, and a dedup's
+    `signature` and `priority`. Reading a threshold there raises ThresholdReadInScore."""
+    params = step.params
+    step.params = _ScoringParams(params, step.name)  # type: ignore[assignment]
+    try:
+        yield step
+    finally:
+        step.params = params
+
+
+def code_digest(cls: type) -> str:
+    """sha256 of the source of every module that defines `cls` or one of its bases (plugins included):
+    a step's cache identity, so that editing its code recomputes what it computed."""
+    h = hashlib.sha256()
+    for name in sorted({c.__module__ for c in cls.__mro__ if c is not object}):
+        h.update(f"{name}\n".encode())
+        h.update(_module_source(name, [c for c in cls.__mro__ if c.__module__ == name]))
+    return h.hexdigest()
+
+
+def _module_source(name: str, classes: list[type]) -> bytes:
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if path and path.endswith(".py"):
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            pass
+    try:
+        return "".join(inspect.getsource(c) for c in classes).encode()
+    except (OSError, TypeError):
+        # No source (a class made at run time): its methods' bytecode, which changes with the code.
+        return b"".join(marshal.dumps(v.__code__) for c in classes for v in vars(c).values()
+                        if hasattr(v, "__code__"))
 
 
 @dataclass

@@ -4,14 +4,20 @@ The driver streams the input, submits one Ray task per shard (at most `max_in_fl
 a 100-million-row list never sits in memory), skips shards already written, and shows progress fed
 by the tasks through a small actor. A task whose worker dies is retried by Ray; a shard that still
 fails is reported, the others go on, and a rerun of the same command resumes.
+
+A run owns its output (a second run into it is refused) and resumes only from shards made from the
+same input: each shard's stats record a digest of exactly its input rows (and of whether they end the
+input), which a rerun compares before it writes anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -20,9 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pipelines.errors import PipelineError
-from pipelines.ingest.reader import InputReader
-from pipelines.ingest.shards import MANIFEST, ShardOutput, shard_files, write_manifest
-from pipelines.runtime import cluster_cpus, init_ray, url_of
+from pipelines.ingest.reader import InputReader, Row
+from pipelines.runtime import cluster_cpus, init_ray
+from pipelines.shards import MANIFEST, ShardOutput, owned, shard_files, url_of, write_manifest
 
 
 @ray.remote(num_cpus=0)
@@ -74,20 +80,71 @@ class CrawlResult:
 ShardTask = Callable[..., dict[str, Any]]
 
 
-def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int, task: ShardTask,
-                config: Any, retry_failed: bool = False, max_in_flight: int | None = None,
-                task_retries: int = 3, quiet: bool = False) -> CrawlResult:
-    """Run `task(shard_id, rows, config, counter, retry_only)` over every shard of `reader`'s rows."""
-    out = ShardOutput(output)
-    out.remove_stale_temporaries()
-    digest = config.digest()
-    done_stats = {sid: out.read_json(shard_files(sid)[2]) for sid in sorted(out.done_shards())}
+def rows_digest(rows: list[Row], last: bool) -> str:
+    """What identifies a shard's input: its rows, and whether they end the input (so that a longer
+    input, even one that only adds whole shards, is another input)."""
+    h = hashlib.sha256(b"last\n" if last else b"more\n")
+    for row in rows:
+        try:
+            line = json.dumps(row, sort_keys=True, default=repr)
+        except (TypeError, ValueError, RecursionError):  # keys that do not sort, nesting too deep to encode
+            line = f"unencodable {type(row).__name__}"
+        h.update(line.encode() + b"\n")
+    return h.hexdigest()
+
+
+def input_shards(reader: InputReader, shard_size: int) -> Iterator[tuple[int, list[Row], str]]:
+    """(shard id, rows, `rows_digest`) of every shard of the input, streamed (one shard of lookahead)."""
+    shards = iter(reader.shards(shard_size))
+    sid, rows = 0, next(shards, None)
+    while rows is not None:
+        following = next(shards, None)
+        yield sid, rows, rows_digest(rows, last=following is None)
+        sid, rows = sid + 1, following
+
+
+def check_resumable(output: str, reader: InputReader, shard_size: int, config_digest: str,
+                    done_stats: dict[int, dict[str, Any]]) -> None:
+    """Refuse, before any work, to resume from shards made with other settings or from other input rows."""
+    start_over = "resume with the same input and settings, write to another --output, or pass --overwrite"
     for sid, stats in done_stats.items():
-        if stats.get("config_digest") != digest:
+        if stats.get("config_digest") != config_digest:
             raise PipelineError(
                 f"{output}: shard {sid:05d} was made with other settings (config digest "
-                f"{str(stats.get('config_digest'))[:12]}, now {digest[:12]}); resume with the same "
-                "settings or write to another --output")
+                f"{str(stats.get('config_digest'))[:12]}, now {config_digest[:12]}); {start_over}")
+    if not done_stats:
+        return
+    beyond = set(done_stats)
+    for sid, _, digest in input_shards(reader, shard_size):
+        beyond.discard(sid)
+        if sid in done_stats and done_stats[sid].get("input_digest") != digest:
+            raise PipelineError(f"{output}: shard {sid:05d} was made from other input rows (the input changed, "
+                                f"or its length); {start_over}")
+    if beyond:
+        raise PipelineError(f"{output}: shard {min(beyond):05d} was made from input rows that are no longer there "
+                            f"(the input is shorter); {start_over}")
+
+
+def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int, task: ShardTask,
+                config: Any, retry_failed: bool = False, overwrite: bool = False, max_in_flight: int | None = None,
+                task_retries: int = 3, quiet: bool = False) -> CrawlResult:
+    """Run `task(shard_id, rows, config, counter, retry_only, input_digest)` over every shard of `reader`'s
+    rows, holding the output for the run; `overwrite` first removes shards a previous run left."""
+    out = ShardOutput(output)
+    with owned(out):
+        if overwrite:
+            out.remove_shards()
+        return _run_sharded(out, kind=kind, reader=reader, output=output, shard_size=shard_size, task=task,
+                            config=config, retry_failed=retry_failed, max_in_flight=max_in_flight,
+                            task_retries=task_retries, quiet=quiet)
+
+
+def _run_sharded(out: ShardOutput, *, kind: str, reader: InputReader, output: str, shard_size: int,
+                 task: ShardTask, config: Any, retry_failed: bool, max_in_flight: int | None, task_retries: int,
+                 quiet: bool) -> CrawlResult:
+    digest = config.digest()
+    done_stats = {sid: out.read_json(shard_files(sid)[2]) for sid in sorted(out.done_shards())}
+    check_resumable(output, reader, shard_size, digest, done_stats)
     init_ray()
     # On a cluster: the counter stays on the driver's node, so losing a worker node does not take it along,
     # and the tasks, which run in other folders or on other machines, get the output as an absolute URL.
@@ -128,7 +185,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
             progress.update(bar, completed=len(stats_by_shard) + len(failed), rate=rows / elapsed,
                             ok=counts.get("success", 0) / rows if rows else 0.0)
 
-        for sid, rows in enumerate(reader.shards(shard_size)):
+        for sid, rows, rows_sha in input_shards(reader, shard_size):
             retry_only = False
             if sid in done_stats:
                 if not (retry_failed and done_stats[sid].get("retryable")):
@@ -139,7 +196,7 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
             while len(pending) >= max_in_flight:
                 collect(timeout=0.5)
                 refresh()
-            pending[remote.remote(sid, rows, config, counter, retry_only)] = sid
+            pending[remote.remote(sid, rows, config, counter, retry_only, rows_sha)] = sid
             submitted.add(sid)
             progress.update(bar, total=len(submitted) + skipped)
         progress.update(bar, total=len(submitted) + skipped)
@@ -147,7 +204,6 @@ def run_sharded(*, kind: str, reader: InputReader, output: str, shard_size: int,
             collect(timeout=0.5)
             refresh()
         refresh()
-    out.remove_stale_temporaries()  # left by workers killed mid-shard; no writer is active any more
 
     elapsed = time.time() - start
     shard_stats = [stats_by_shard[s] for s in sorted(stats_by_shard)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +16,10 @@ from pipelines.config import ConfigModel
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
 from pipelines.ingest.imageproc import ImageConfig, ImageError, ImageProcessor
-from pipelines.ingest.reader import ROW_ERROR, InputReader
-from pipelines.ingest.shards import ShardOutput, ShardWriter, metadata_table, shard_files, shard_stats
+from pipelines.ingest.reader import InputReader, Row
+from pipelines.ingest.rows import InvalidRow, stored_row, text_of
+from pipelines.ingest.shards import metadata_table, shard_stats
+from pipelines.shards import ShardOutput, ShardWriter, shard_files
 
 # Per-row metadata: a superset of img2dataset's. `retryable` marks transient failures.
 METADATA_SCHEMA = pa.schema([
@@ -29,7 +30,8 @@ METADATA_SCHEMA = pa.schema([
     ("original_height", pa.int32()), ("sha256", pa.string()), ("retryable", pa.bool_()),
 ])
 STATUSES = ("success", "failed_to_download", "not_an_image", "failed_to_decode", "too_large", "filtered",
-            "skipped_robots", "skipped_opt_out", "skipped_private_network", "invalid_url", "missing_caption")
+            "skipped_robots", "skipped_opt_out", "skipped_private_network", "invalid_url", "invalid_row",
+            "missing_caption")
 
 
 class ImageCrawlConfig(ConfigModel):
@@ -48,10 +50,13 @@ class ImageCrawlConfig(ConfigModel):
     max_in_flight: int | None = Field(None, gt=0, description="Shard tasks queued at once (default 2 x cluster CPUs).")
     task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard whose worker died.")
     retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
+    overwrite: bool = Field(False, description=(
+        "Start over: remove the shards already in the output (else a rerun resumes, and refuses an output "
+        "made from another input or with other settings)."))
     quiet: bool = Field(False, description="No progress bar or summary.")
 
     run_options = {"output": True, "fetch": FETCH_RUN_OPTIONS, "decode_threads": True, "max_in_flight": True,
-                   "task_retries": True, "retry_failed": True, "quiet": True}
+                   "task_retries": True, "retry_failed": True, "overwrite": True, "quiet": True}
 
 
 def crawl_images(config: ImageCrawlConfig) -> CrawlResult:
@@ -59,24 +64,30 @@ def crawl_images(config: ImageCrawlConfig) -> CrawlResult:
     reader = InputReader(config.input, [config.url_col], config.input_format)
     return run_sharded(kind="images", reader=reader, output=config.output, shard_size=config.shard_size,
                        task=crawl_image_shard, config=config, retry_failed=config.retry_failed,
-                       max_in_flight=config.max_in_flight, task_retries=config.task_retries, quiet=config.quiet)
+                       overwrite=config.overwrite, max_in_flight=config.max_in_flight, task_retries=config.task_retries, quiet=config.quiet)
 
 
-def crawl_image_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageCrawlConfig, counter: Any,
-                      retry_only: bool = False) -> dict[str, Any]:
-    """One shard, in a Ray worker: fetch concurrently, decode on a thread pool, write atomically."""
-    return asyncio.run(_crawl_shard(shard_id, rows, config, counter, retry_only))
+def crawl_image_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig, counter: Any,
+                      retry_only: bool = False, input_digest: str | None = None) -> dict[str, Any]:
+    """One shard, in a Ray worker: fetch concurrently, decode on a thread pool, write atomically.
+    `input_digest` (of the rows) goes into the shard's stats, for a rerun to check its input against."""
+    return asyncio.run(_crawl_shard(shard_id, rows, config, counter, retry_only, input_digest))
 
 
-def _row_meta(key: str, row: dict[str, Any], config: ImageCrawlConfig) -> dict[str, Any]:
+def _row_meta(key: str, row: Row, config: ImageCrawlConfig) -> dict[str, Any]:
+    """A row's metadata before its fetch: our fields, then its other columns (an input column named like
+    one of our fields is not carried)."""
     meta: dict[str, Any] = {f.name: None for f in METADATA_SCHEMA}
+    meta.update(key=key, retryable=False)
+    if isinstance(row, InvalidRow):
+        meta.update(status="invalid_row", error_message=row.reason)
+        return meta
     if config.save_additional_columns:
         for k, v in row.items():
-            if k not in (config.url_col, config.caption_col, ROW_ERROR) and k not in meta:
+            if k not in (config.url_col, config.caption_col) and k not in meta:
                 meta[k] = v
-    url, caption = row.get(config.url_col), row.get(config.caption_col) if config.caption_col else None
-    meta.update(key=key, url=None if url is None else str(url),
-                caption=None if caption is None else str(caption), retryable=False)
+    meta.update(url=text_of(row.get(config.url_col)),
+                caption=text_of(row.get(config.caption_col)) if config.caption_col else None)
     return meta
 
 
@@ -89,8 +100,8 @@ def _decode(processor: ImageProcessor, data: bytes) -> tuple[str, Any]:
         return digest, exc
 
 
-async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageCrawlConfig, counter: Any,
-                       retry_only: bool) -> dict[str, Any]:
+async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig, counter: Any,
+                       retry_only: bool, input_digest: str | None) -> dict[str, Any]:
     started = time.time()
     out = ShardOutput(config.output)
     old_meta: dict[str, dict[str, Any]] = {}
@@ -107,9 +118,9 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
     # The connector bounds connections; this bounds bodies held in memory awaiting decode.
     in_flight = asyncio.Semaphore(config.fetch.concurrency)
     # Samples stream into the staged tar as they complete: finishing the shard costs little.
-    writer = ShardWriter(out, shard_id)
+    writer = ShardWriter(out, shard_id, input_digest)
 
-    async def one(index: int, row: dict[str, Any]) -> dict[str, Any]:
+    async def one(index: int, row: Row) -> dict[str, Any]:
         key = f"{shard_id:05d}{index:0{digits}d}"
         previous = old_meta.get(key)
         if previous is not None and not previous.get("retryable"):
@@ -117,41 +128,47 @@ async def _crawl_shard(shard_id: int, rows: list[dict[str, Any]], config: ImageC
                 writer.add(key, old_samples[key])
             return previous
         meta = _row_meta(key, row, config)
-        await fill(meta, row)
+        try:
+            sample = await fill(meta)
+        except Exception as exc:  # noqa: BLE001 - whatever one row raises is that row's failure
+            meta.update(status="invalid_row", error_message=f"{type(exc).__name__}: {exc}", retryable=False)
+            sample = None
+        meta, meta_json = stored_row(meta, METADATA_SCHEMA)
+        if sample is not None and meta["status"] == "success":
+            if meta["caption"] is not None:
+                sample["txt"] = meta["caption"].encode()
+            sample["json"] = meta_json
+            writer.add(meta["key"], sample)
         progress.add(meta["status"])
         return meta
 
-    async def fill(meta: dict[str, Any], row: dict[str, Any]) -> None:
+    async def fill(meta: dict[str, Any]) -> dict[str, bytes] | None:
+        """Fetch and decode the row's image into `meta`; the image file of its sample, if it has one."""
         url = meta["url"]
-        if ROW_ERROR in row:
-            meta.update(status="invalid_url", error_message=row[ROW_ERROR])
-            return
+        if meta["status"] == "invalid_row":
+            return None
         if not url or not url.strip():
             meta.update(status="invalid_url", error_message=f"empty {config.url_col!r}")
-            return
+            return None
         if config.require_caption and not (meta["caption"] or "").strip():
             meta.update(status="missing_caption", error_message=f"empty {config.caption_col!r}")
-            return
+            return None
         async with in_flight:
             res = await fetcher.fetch(url.strip())
             meta.update(status=res.status, error_message=res.error_message, http_status=res.http_status,
                         content_type=res.content_type, final_url=res.final_url,
                         fetch_ms=round(res.fetch_ms, 1), retryable=res.retryable)
             if res.status != "success":
-                return
+                return None
             meta["bytes"] = len(res.data)
             digest, image = await loop.run_in_executor(pool, _decode, processor, res.data)
         meta["sha256"] = digest
         if isinstance(image, ImageError):
             meta.update(status=image.status, error_message=str(image))
-            return
+            return None
         meta.update(width=image.width, height=image.height, original_width=image.original_width,
                     original_height=image.original_height)
-        sample = {image.ext: image.data}
-        if meta["caption"] is not None:
-            sample["txt"] = meta["caption"].encode()
-        sample["json"] = json.dumps(meta, default=str).encode()
-        writer.add(meta["key"], sample)
+        return {image.ext: image.data}
 
     try:
         with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode") as pool:

@@ -1,8 +1,10 @@
 """Stream rows out of URL lists and corpora (jsonl, csv, tsv, parquet, txt; local or any fsspec URL).
 
-Rows come out in shard-sized lists of dicts, in a fixed order (files sorted by name, rows in file
-order), so shard N always holds the same rows and a rerun can skip the shards already written.
-Nothing reads a whole file into memory.
+Rows come out in shard-sized lists, in a fixed order (files sorted by name, rows in file order),
+so shard N always holds the same rows and a rerun can skip the shards already written. Nothing
+reads a whole file into memory. Each row is a dict made storable here (`rows.storable_row`: invalid
+UTF-8 bytes and lone surrogates become U+FFFD, and so on), or an `InvalidRow` with the reason for a
+row that cannot be read or stored: one bad row never stops the input.
 """
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from typing import Any, Iterator
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines.errors import PipelineError
+from pipelines.ingest.rows import InvalidRow, UnstorableRow, json_number, storable_row
 from pipelines.runtime import filesystem
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
            ".parquet": "parquet", ".txt": "txt"}
-# Set on a row whose line could not be parsed; the crawl records it as a failed row.
-ROW_ERROR = "__row_error__"
+Row = dict[str, Any] | InvalidRow
+# One decoder for every line (json.loads with options would build one per call).
+_JSON = json.JSONDecoder(parse_float=json_number)
 
 
 def detect_format(path: str, fmt: str | None) -> str:
@@ -58,11 +62,10 @@ def list_input_files(url: str, fmt: str | None = None) -> list[str]:
 class InputReader:
     """Iterate rows of one or more input files in order, checking the required columns."""
 
-    def __init__(self, url: str, required: list[str], fmt: str | None = None, block_size: int = 1 << 20):
+    def __init__(self, url: str, required: list[str], fmt: str | None = None):
         self.url = url
         self.required = [c for c in required if c]
         self.fmt = fmt
-        self.block_size = block_size
         self.files = list_input_files(url, fmt)
         self._check_first_file()
 
@@ -72,9 +75,9 @@ class InputReader:
             return
         raise PipelineError(f"{self.url}: input is empty (no rows)")
 
-    def shards(self, shard_size: int) -> Iterator[list[dict[str, Any]]]:
+    def shards(self, shard_size: int) -> Iterator[list[Row]]:
         """Rows grouped into lists of `shard_size` (the last one shorter)."""
-        batch: list[dict[str, Any]] = []
+        batch: list[Row] = []
         for row in self.rows():
             batch.append(row)
             if len(batch) == shard_size:
@@ -83,17 +86,27 @@ class InputReader:
         if batch:
             yield batch
 
-    def rows(self) -> Iterator[dict[str, Any]]:
+    def rows(self) -> Iterator[Row]:
         for path in self.files:
             yield from self._rows_of(path)
 
-    def _rows_of(self, path: str) -> Iterator[dict[str, Any]]:
+    @staticmethod
+    def _storable(where: str, row: dict[str, Any]) -> Row:
+        """The one point where input rows are made storable (the rules are in `ingest.rows`)."""
+        try:
+            return storable_row(row)
+        except UnstorableRow as exc:
+            return InvalidRow(f"{where}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - no rule foresaw this value: still only its row
+            return InvalidRow(f"{where}: {type(exc).__name__}: {exc}")
+
+    def _rows_of(self, path: str) -> Iterator[Row]:
         fmt = detect_format(path, self.fmt)
         try:
             yield from getattr(self, f"_rows_{fmt}")(path)
         except PipelineError:
             raise
-        except (OSError, pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
+        except (OSError, pa.ArrowInvalid, UnicodeDecodeError, ValueError, EOFError) as exc:
             raise PipelineError(f"{path}: cannot read as {fmt}: {exc}") from exc
 
     def _open(self, path: str):
@@ -105,71 +118,96 @@ class InputReader:
             if col not in columns:
                 raise PipelineError(f"{path}: column {col!r} not found (columns: {', '.join(columns) or 'none'})")
 
-    def _rows_jsonl(self, path: str) -> Iterator[dict[str, Any]]:
+    def _rows_jsonl(self, path: str) -> Iterator[Row]:
         checked = False
         with self._open(path) as raw:
+            # Invalid UTF-8 becomes U+FFFD; a line that is not one JSON object, for any reason
+            # (bad syntax, nesting too deep for the parser), is that row's failure.
             for lineno, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace"), 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = _JSON.decode(line)
                     if not isinstance(row, dict):
                         raise ValueError("not a JSON object")
-                except ValueError as exc:
-                    yield {ROW_ERROR: f"{path} line {lineno}: malformed JSON ({exc})"}
+                except Exception as exc:  # noqa: BLE001 (RecursionError, MemoryError: still one bad line)
+                    why = exc if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+                    yield InvalidRow(f"{path} line {lineno}: malformed JSON ({why})")
                     continue
-                if not checked:
+                if not checked and row:  # an empty object says nothing about the columns
                     self._check_columns(path, list(row))
                     checked = True
-                yield row
+                yield self._storable(f"{path} line {lineno}", row)
 
-    def _rows_delimited(self, path: str, delimiter: str) -> Iterator[dict[str, Any]]:
-        with self._open(path) as f:
+    def _rows_delimited(self, path: str, delimiter: str) -> Iterator[Row]:
+        # Python's csv module, not pyarrow's reader: that one stops the whole file at one invalid
+        # UTF-8 byte or one row longer than its block, where these are one row's problem.
+        csv.field_size_limit(sys.maxsize)
+        dialect = {"delimiter": delimiter, "quoting": csv.QUOTE_NONE} if delimiter == "\t" else \
+            {"delimiter": delimiter, "quotechar": '"', "doublequote": True}
+        with self._open(path) as raw:
             # utf-8-sig: spreadsheet exports start with a byte-order mark that is not part of the name.
-            header = f.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
-        if not header:
-            return
-        columns = next(csv.reader([header], delimiter=delimiter))
-        self._check_columns(path, columns)
-        with self._open(path) as f:
-            bad: list[dict[str, Any]] = []
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
+            records = csv.reader(text, **dialect)
+            columns = next((r for r in records if r), None)
+            if columns is None:
+                return
+            self._check_columns(path, columns)
+            while True:
+                try:
+                    record = next(records)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield InvalidRow(f"{path} line {records.line_num}: {exc}")
+                    continue
+                if not record:
+                    continue
+                if len(record) != len(columns):
+                    yield InvalidRow(f"{path} line {records.line_num}: expected {len(columns)} fields, "
+                                     f"got {len(record)}")
+                    continue
+                yield dict(zip(columns, record))  # text decoded with U+FFFD for invalid bytes: storable as it is
 
-            def keep_bad_row(row: Any) -> str:
-                where = f"line {row.number}" if row.number is not None else f"row {row.text[:80]!r}"
-                bad.append({ROW_ERROR: f"{path} {where}: expected {row.expected_columns} "
-                                       f"fields, got {row.actual_columns}"})
-                return "skip"
-
-            # Every column as a string: type inference on the first block breaks on a later block.
-            reader = pacsv.open_csv(
-                f, read_options=pacsv.ReadOptions(column_names=columns, skip_rows=1, block_size=self.block_size),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False if delimiter == "\t" else '"',
-                                                 newlines_in_values=delimiter != "\t",
-                                                 invalid_row_handler=keep_bad_row),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
-                                                     strings_can_be_null=False, quoted_strings_can_be_null=False))
-            for batch in reader:
-                yield from batch.to_pylist()
-                yield from bad  # malformed lines become failed rows, after the block they were in
-                bad.clear()
-
-    def _rows_csv(self, path: str) -> Iterator[dict[str, Any]]:
+    def _rows_csv(self, path: str) -> Iterator[Row]:
         return self._rows_delimited(path, ",")
 
-    def _rows_tsv(self, path: str) -> Iterator[dict[str, Any]]:
+    def _rows_tsv(self, path: str) -> Iterator[Row]:
         return self._rows_delimited(path, "\t")
 
-    def _rows_parquet(self, path: str) -> Iterator[dict[str, Any]]:
+    def _rows_parquet(self, path: str) -> Iterator[Row]:
         with self._open(path) as f:
             pf = pq.ParquetFile(f)
             self._check_columns(path, pf.schema_arrow.names)
+            first = 0
             for batch in pf.iter_batches(batch_size=65536):
-                yield from batch.to_pylist()
+                try:
+                    rows = batch.to_pylist()
+                except (pa.ArrowException, ValueError, OverflowError):
+                    rows = self._rows_one_by_one(path, batch, first)
+                for i, row in enumerate(rows, first):
+                    yield row if isinstance(row, InvalidRow) else self._storable(f"{path} row {i}", row)
+                first += batch.num_rows
 
-    def _rows_txt(self, path: str) -> Iterator[dict[str, Any]]:
+    @staticmethod
+    def _rows_one_by_one(path: str, batch: pa.RecordBatch, first: int) -> list[Row]:
+        """A batch holding a value Python cannot represent (a timestamp past year 9999): row by row."""
+        rows: list[Row] = []
+        for i in range(batch.num_rows):
+            row: Row = {}
+            for name, column in zip(batch.schema.names, batch.columns):
+                try:
+                    row[name] = column[i].as_py()
+                except (pa.ArrowException, ValueError, OverflowError) as exc:
+                    row = InvalidRow(f"{path} row {first + i}: column {name!r}: {exc}")
+                    break
+            rows.append(row)
+        return rows
+
+    def _rows_txt(self, path: str) -> Iterator[Row]:
         """One value per line, under the first required column's name (a plain list of URLs)."""
         name = self.required[0] if self.required else "text"
         with self._open(path) as raw:
             for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
                 if line.strip():
-                    yield {name: line.strip()}
+                    yield {name: line.strip()}  # decoded with U+FFFD for invalid bytes: storable as it is

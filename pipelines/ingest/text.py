@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +25,10 @@ from trafilatura.settings import set_date_params
 from pipelines.config import ConfigModel
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
-from pipelines.ingest.reader import ROW_ERROR, InputReader
-from pipelines.ingest.shards import ShardOutput, metadata_table, shard_files, shard_stats, write_shard
+from pipelines.ingest.reader import InputReader, Row
+from pipelines.ingest.rows import InvalidRow, stored_row, text_of, valid_text
+from pipelines.ingest.shards import metadata_table, shard_stats
+from pipelines.shards import ShardOutput, shard_files, write_shard
 
 # Per-row metadata. `bytes` is the size of the document as read (the page body, or the input text);
 # `retryable` marks transient fetch failures.
@@ -78,10 +79,13 @@ class TextCrawlConfig(ConfigModel):
     max_in_flight: int | None = Field(None, gt=0, description="Shard tasks queued at once (default 2 x cluster CPUs).")
     task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard whose worker died.")
     retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
+    overwrite: bool = Field(False, description=(
+        "Start over: remove the shards already in the output (else a rerun resumes, and refuses an output "
+        "made from another input or with other settings)."))
     quiet: bool = Field(False, description="No progress bar or summary.")
 
     run_options = {"output": True, "fetch": FETCH_RUN_OPTIONS, "max_in_flight": True,
-                   "task_retries": True, "retry_failed": True, "quiet": True}
+                   "task_retries": True, "retry_failed": True, "overwrite": True, "quiet": True}
 
 
 def crawl_text(config: TextCrawlConfig) -> CrawlResult:
@@ -92,12 +96,13 @@ def crawl_text(config: TextCrawlConfig) -> CrawlResult:
     reader = InputReader(config.input, required, config.input_format)
     return run_sharded(kind="text", reader=reader, output=config.output, shard_size=config.shard_size,
                        task=crawl_text_shard, config=config, retry_failed=config.retry_failed,
-                       max_in_flight=config.max_in_flight, task_retries=config.task_retries, quiet=config.quiet)
+                       overwrite=config.overwrite, max_in_flight=config.max_in_flight, task_retries=config.task_retries, quiet=config.quiet)
 
 
-def crawl_text_shard(shard_id: int, rows: list[dict[str, Any]], config: TextCrawlConfig, counter: Any,
-                     retry_only: bool = False) -> dict[str, Any]:
-    """One shard, in a Ray worker: documents from the rows or from fetched pages, written atomically."""
+def crawl_text_shard(shard_id: int, rows: list[Row], config: TextCrawlConfig, counter: Any,
+                     retry_only: bool = False, input_digest: str | None = None) -> dict[str, Any]:
+    """One shard, in a Ray worker: documents from the rows or from fetched pages, written atomically.
+    `input_digest` (of the rows) goes into the shard's stats, for a rerun to check its input against."""
     started = time.time()
     # trafilatura and htmldate log a warning for every page they find no text in.
     for name in ("trafilatura", "htmldate"):
@@ -126,34 +131,39 @@ def crawl_text_shard(shard_id: int, rows: list[dict[str, Any]], config: TextCraw
         texts = asyncio.run(_texts_from_pages([(meta, row) for _, meta, row in todo], config, progress))
     progress.flush()
     for (index, meta, _), text in zip(todo, texts, strict=True):
-        if text is not None:
-            samples[meta["key"]] = {"txt": text.encode(), "json": json.dumps(meta, default=str).encode()}
+        meta, meta_json = stored_row(meta, METADATA_SCHEMA)
+        if text is not None and meta["status"] == "success":
+            samples[meta["key"]] = {"txt": text.encode(), "json": meta_json}
         metas[index] = meta
 
     ordered = [metas[i] for i in sorted(metas)]
     stats = shard_stats(config.digest(), ordered, started,
                         chars=sum(m["chars"] or 0 for m in ordered if m["status"] == "success"))
     return write_shard(out, shard_id, ((k, samples[k]) for k in sorted(samples)),
-                       metadata_table(ordered, METADATA_SCHEMA), stats)
+                       metadata_table(ordered, METADATA_SCHEMA), stats, input_digest)
 
 
-def _row_meta(key: str, row: dict[str, Any], config: TextCrawlConfig) -> dict[str, Any]:
+def _row_meta(key: str, row: Row, config: TextCrawlConfig) -> dict[str, Any]:
+    """A row's metadata before its text is looked at: our fields, then its other columns (an input column
+    named like one of our fields is not carried, except `title`, `language` and `date`, which mean the same)."""
     meta: dict[str, Any] = {f.name: None for f in METADATA_SCHEMA}
-    own = {config.url_col, config.id_col, ROW_ERROR} | ({config.text_col} if config.source == "files" else set())
+    meta.update(key=key, retryable=False)
+    if isinstance(row, InvalidRow):
+        meta.update(status="invalid_row", error_message=row.reason)
+        return meta
+    own = {config.url_col, config.id_col} | ({config.text_col} if config.source == "files" else set())
     for k, v in row.items():
         if k in SHARED_COLUMNS:
-            meta[k] = None if v is None else str(v)
+            meta[k] = text_of(v)
         elif config.save_additional_columns and k not in own and k not in meta:
             meta[k] = v
-    doc_id = row.get(config.id_col) if config.id_col else None
-    url = row.get(config.url_col)
-    meta.update(key=key, id=None if doc_id is None else str(doc_id), url=None if url is None else str(url),
-                retryable=False)
+    meta.update(id=text_of(row.get(config.id_col)) if config.id_col else None, url=text_of(row.get(config.url_col)))
     return meta
 
 
 def _accept_text(meta: dict[str, Any], text: str, config: TextCrawlConfig) -> str | None:
     """Record the text's size and digest; the text if it is kept, else None with the reason."""
+    text = valid_text(text)  # a page in UTF-7 can hold lone surrogates
     meta.update(chars=len(text), sha256=hashlib.sha256(text.encode()).hexdigest())
     if not text.strip():
         meta.update(status="empty_text", error_message="text is empty")
@@ -165,9 +175,8 @@ def _accept_text(meta: dict[str, Any], text: str, config: TextCrawlConfig) -> st
     return text
 
 
-def _text_from_row(meta: dict[str, Any], row: dict[str, Any], config: TextCrawlConfig) -> str | None:
-    if ROW_ERROR in row:
-        meta.update(status="invalid_row", error_message=row[ROW_ERROR])
+def _text_from_row(meta: dict[str, Any], row: Row, config: TextCrawlConfig) -> str | None:
+    if isinstance(row, InvalidRow):
         return None
     text = row.get(config.text_col)
     if text is None:
@@ -176,7 +185,7 @@ def _text_from_row(meta: dict[str, Any], row: dict[str, Any], config: TextCrawlC
     if not isinstance(text, str):
         meta.update(status="invalid_row", error_message=f"{config.text_col!r} is {type(text).__name__}, not text")
         return None
-    meta["bytes"] = len(text.encode())
+    meta["bytes"] = len(valid_text(text).encode())
     return _accept_text(meta, text, config)
 
 
@@ -237,7 +246,7 @@ def extract_page(data: bytes, url: str, media: str, charset: str | None, options
     return Page(doc.text or None, title=doc.title, language=language, date=doc.date)
 
 
-async def _texts_from_pages(items: list[tuple[dict[str, Any], dict[str, Any]]], config: TextCrawlConfig,
+async def _texts_from_pages(items: list[tuple[dict[str, Any], Row]], config: TextCrawlConfig,
                             progress: ProgressReporter) -> list[str | None]:
     """Fetch every row's page concurrently and extract its text; fill each row's metadata."""
     loop = asyncio.get_running_loop()
@@ -249,14 +258,17 @@ async def _texts_from_pages(items: list[tuple[dict[str, Any], dict[str, Any]]], 
     with ThreadPoolExecutor(1, thread_name_prefix="extract") as pool:
         async with Fetcher(config.fetch, accept=ACCEPT) as fetcher:
 
-            async def one(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
-                text = await page_text(meta, row)
+            async def one(meta: dict[str, Any], row: Row) -> str | None:
+                try:
+                    text = await page_text(meta, row)
+                except Exception as exc:  # noqa: BLE001 - whatever one row raises is that row's failure
+                    meta.update(status="invalid_row", error_message=f"{type(exc).__name__}: {exc}", retryable=False)
+                    text = None
                 progress.add(meta["status"])
                 return text
 
-            async def page_text(meta: dict[str, Any], row: dict[str, Any]) -> str | None:
-                if ROW_ERROR in row:
-                    meta.update(status="invalid_row", error_message=row[ROW_ERROR])
+            async def page_text(meta: dict[str, Any], row: Row) -> str | None:
+                if isinstance(row, InvalidRow):
                     return None
                 url = (meta["url"] or "").strip()
                 if not url:

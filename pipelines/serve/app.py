@@ -33,7 +33,8 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from ray import serve
 from ray.serve import Application
 
 from pipelines.errors import PipelineError
-from pipelines.serve.config import ServeConfig
+from pipelines.serve.config import API_KEYS_ENV, ServeConfig
 from pipelines.serve.engine import AdapterError, ClipEngine, Generation, TextEngine
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
 
@@ -91,7 +92,7 @@ class OpenAIServer:
         configure_tracking()
         self._resolve_version = resolve_version
         self.config = ServeConfig.model_validate(config)
-        self.access = AccessControl(self.config.access.api_keys, self.config.access.rate_limit)
+        self.access = AccessControl(self.config.access.resolve_keys(), self.config.access.rate_limit)
         self.base_name, version = resolve_version(self.config.model)
         self.engine = self._load(version)
         self.adapter_versions: dict[str, int] = {}  # adapter name -> its version for the current base
@@ -135,17 +136,28 @@ class OpenAIServer:
         return engine, loaded.name
 
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None:
+        """Generate the rows of one request in the replica's batches; raise the first row's failure."""
         if len(rows) == 1:  # the common case, without a task per row
             await self._generate_batch((engine, rows[0]))
         else:
             await asyncio.gather(*(self._generate_batch((engine, row)) for row in rows))
+        for row in rows:
+            if row.error is not None:
+                raise _request_error(row.error)
 
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor:
-        return torch.stack(await asyncio.gather(*(self._embed_batch((engine, ids, adapter)) for ids in inputs)))
+        vectors = await asyncio.gather(*(self._embed_batch((engine, ids, adapter)) for ids in inputs))
+        for vector in vectors:
+            if isinstance(vector, Exception):
+                raise _request_error(vector)
+        return torch.stack(vectors)
 
     async def clip_embed(self, engine: ClipEngine, texts: Sequence[str],
                          images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-        return await self._clip_batch((engine, list(texts), list(images)))
+        out = await self._clip_batch((engine, list(texts), list(images)))
+        if isinstance(out, Exception):
+            raise _request_error(out)
+        return out
 
     async def reload(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.refresh)
@@ -155,6 +167,8 @@ class OpenAIServer:
                 "adapters": self.adapter_versions}
 
     # -- batches -------------------------------------------------------------------------------
+    # A row fails alone: each batch returns, per item, its result or the exception of that item only
+    # (`engine.generate` sets a failed row's `error`; the embedding batches rerun a failed call per item).
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _generate_batch(self, items: list[tuple[TextEngine, Generation]]) -> list[None]:
         # Requests that started before a version switch finish on the engine they started on.
@@ -163,29 +177,26 @@ class OpenAIServer:
             try:
                 await asyncio.to_thread(engine.generate, rows)
             except AdapterError as e:  # evicted between resolve and run: the LRU is too small for the load
-                raise APIError(503, f"{e}; retry", type="server_error", code="adapter_unavailable") from None
+                for row in rows:
+                    row.error = e
         return [None] * len(items)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _embed_batch(self, items: list[tuple[TextEngine, list[int], str | None]]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
+    async def _embed_batch(self, items: list[tuple[TextEngine, list[int], str | None]]
+                           ) -> list[torch.Tensor | Exception]:
+        out: list[torch.Tensor | Exception] = []
         for (engine, adapter), group in itertools.groupby(items, key=lambda item: (item[0], item[2])):
-            out.extend(await asyncio.to_thread(engine.embed, [ids for _, ids, _ in group], adapter))
+            inputs = [ids for _, ids, _ in group]
+            out.extend(await _each_alone(lambda batch: engine.embed(batch, adapter), inputs))
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _clip_batch(self, items: list[tuple[ClipEngine, list[str], list[Any]]]
-                          ) -> list[tuple[np.ndarray, np.ndarray]]:
+                          ) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
         """Concurrent CLIP requests' captions and images as one model call per tower, split back per request."""
-        out: list[tuple[np.ndarray, np.ndarray]] = []
+        out: list[tuple[np.ndarray, np.ndarray] | Exception] = []
         for engine, group in itertools.groupby(items, key=lambda item: item[0]):
-            requests = [(texts, images) for _, texts, images in group]
-            texts, images = await asyncio.to_thread(engine.embed, [t for ts, _ in requests for t in ts],
-                                                    [i for _, ims in requests for i in ims])
-            t = i = 0
-            for ts, ims in requests:
-                out.append((texts[t:t + len(ts)], images[i:i + len(ims)]))
-                t, i = t + len(ts), i + len(ims)
+            out.extend(await _each_alone(partial(_clip_call, engine), [(texts, images) for _, texts, images in group]))
         return out
 
     # -- the registry --------------------------------------------------------------------------
@@ -289,6 +300,45 @@ class OpenAIServer:
                 log.warning("registry check failed: %s", e)
 
 
+def _clip_call(engine: ClipEngine, requests: list[tuple[list[str], list[Any]]]
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One call per tower for all the requests' captions and images, split back per request."""
+    texts, images = engine.embed([t for ts, _ in requests for t in ts], [i for _, ims in requests for i in ims])
+    out, t, i = [], 0, 0
+    for ts, ims in requests:
+        out.append((texts[t:t + len(ts)], images[i:i + len(ims)]))
+        t, i = t + len(ts), i + len(ims)
+    return out
+
+
+async def _each_alone(call: Callable[[list[Any]], Sequence[Any]], items: list[Any]) -> list[Any]:
+    """`call(items)` in a thread; if it fails, each item again on its own, so only the item that breaks
+    the call gets an exception (as its result)."""
+    try:
+        return list(await asyncio.to_thread(call, items))
+    except Exception as e:
+        if len(items) == 1:
+            return [e]
+        log.warning("a batch of %d failed (%s: %s); running its items one by one", len(items), type(e).__name__, e)
+    out: list[Any] = []
+    for item in items:
+        try:
+            out.extend(await asyncio.to_thread(call, [item]))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def _request_error(error: Exception) -> APIError:
+    """What a request whose own row failed answers: 503 for an adapter evicted under it, else 500."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, AdapterError):
+        return APIError(503, f"{error}; retry", type="server_error", code="adapter_unavailable")
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error",
+                    code="internal_error")
+
+
 # -- building and running ------------------------------------------------------------------------
 def deployment_options(config: ServeConfig) -> dict[str, Any]:
     """Ray Serve options of the deployment: replicas or autoscaling, resources, queue size."""
@@ -312,7 +362,15 @@ def build_app(args: dict[str, Any]) -> Application:
     from pipelines.train.registry import configure_tracking
 
     config = ServeConfig.model_validate(args)
-    return OpenAIServer.options(**deployment_options(config)).bind(config.model_dump(mode="json"), configure_tracking())
+    return OpenAIServer.options(**deployment_options(config)).bind(replica_args(config), configure_tracking())
+
+
+def replica_args(config: ServeConfig) -> dict[str, Any]:
+    """`config` as the replica's constructor gets it: with the keys given in it (dumps leave them out),
+    handed over in memory, never written to a file."""
+    args = config.model_dump(mode="json")
+    args["access"]["api_keys"] = list(config.access.api_keys)
+    return args
 
 
 # Measured in benchmarks/serve_latency.py: the deployment's code runs on the replica's own event loop
@@ -344,8 +402,14 @@ def ray_serve_env(config: ServeConfig) -> dict[str, str]:
 
 def emit_config(config: ServeConfig, path: str | Path) -> Path:
     """Write the Ray Serve config file for `config`: `serve run FILE`, `serve deploy FILE`, or a
-    RayService's `serveConfigV2`. The direct-ingress variables go in the cluster's environment."""
+    RayService's `serveConfigV2`. The direct-ingress variables go in the cluster's environment.
+
+    API keys are never written: the replicas read them from `PIPELINES_API_KEYS` or `api_keys_file` on
+    the cluster (a Secret), and when keys were given here the file says `keys_required`, so a cluster
+    without them refuses to start rather than serving without keys."""
     args = config.model_dump(mode="json", exclude={"emit_config", "blocking"})
+    if config.access.api_keys or os.environ.get(API_KEYS_ENV) or config.access.api_keys_file:
+        args["access"]["keys_required"] = True
     options = deployment_options(config)
     deployment = {"name": DEPLOYMENT, **{k: v for k, v in options.items() if k != "logging_config"}}
     env_vars = {}
@@ -365,6 +429,9 @@ def emit_config(config: ServeConfig, path: str | Path) -> Path:
               "# Run: serve run FILE  |  serve deploy FILE  |  a KubeRay RayService's spec.serveConfigV2."]
     if config.host in ("127.0.0.1", "localhost", "::1"):
         header.append(f"# host {config.host} takes local connections only: --host 0.0.0.0 for a cluster.")
+    if args["access"]["keys_required"]:
+        header.append(f"# API keys are not in this file: give them to every node in {API_KEYS_ENV} (a Secret) "
+                      "or in api_keys_file.")
     header.append("# Set these in the Ray cluster's environment (every node) before it starts:")
     header += [f"#   {k}={v}" for k, v in ray_serve_env(config).items()]
     out = Path(path)
@@ -385,6 +452,9 @@ def serve_model(config: ServeConfig) -> str | None:
         return None
     from pipelines.train.registry import configure_tracking, resolve_version
 
+    # The keys of every source, resolved here (a replica of the local Ray may not see this environment).
+    config = config.model_copy(update={"access": config.access.model_copy(
+        update={"api_keys": config.access.resolve_keys()})})
     configure_tracking()
     resolve_version(config.model)  # fails here, in one line, rather than in the replica's constructor
     direct = config.direct_ingress
@@ -403,7 +473,7 @@ def serve_model(config: ServeConfig) -> str | None:
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.serve_proxy_port})
     try:
-        serve.run(build_app(config.model_dump(mode="json")), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(build_app(replica_args(config)), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as e:  # the replica's constructor failed (e.g. no such model): its error, one line
         raise PipelineError(f"cannot start serving {config.model}: {_root_cause(e)}") from None
     url = f"http://{config.host}:{config.port}"

@@ -5,6 +5,9 @@ Every leaf field is also a `pipelines serve` option (`max_batch_size` -> `--max-
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -38,12 +41,64 @@ class BatchConfig(ConfigModel):
         "previous batch ran, so a lone request never waits.")
 
 
-class AccessConfig(ConfigModel):
-    """Optional API keys and a per-key rate limit."""
+API_KEYS_ENV = "PIPELINES_API_KEYS"
 
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys accepted; none: no auth.")
+
+class AccessConfig(ConfigModel):
+    """Optional API keys and a per-key rate limit.
+
+    Keys are secrets: they come from the environment variable `PIPELINES_API_KEYS` or a file (a mounted
+    Kubernetes Secret), `api_keys` (the command line shows in `ps`) only for a quick local run; none of
+    them is ever written out (`--emit-config` writes `keys_required` instead, so a deployment without
+    its keys refuses to start rather than serving openly).
+    """
+
+    # exclude: no dump of a config (a file, Prefect's parameters, a digest) carries them.
+    api_keys: list[str] = Field(
+        default_factory=list, exclude=True, repr=False, description=f"Bearer keys accepted (prefer "
+        f"{API_KEYS_ENV} or api_keys_file: the command line shows in ps); never written by --emit-config.")
+    api_keys_file: str | None = Field(
+        None, description="A file of keys, one per line (a mounted Secret); read by each replica at start.")
+    keys_required: bool = Field(
+        False, description=f"Refuse to start without a key (from {API_KEYS_ENV}, api_keys_file or api_keys). "
+        "--emit-config turns it on when keys are given.")
     rate_limit: int | None = Field(
         None, ge=1, description="Requests per key (per client address without keys) per minute, per replica.")
+
+    def resolve_keys(self) -> list[str]:
+        """Every key from `api_keys`, `PIPELINES_API_KEYS` (comma, space or newline separated) and the file."""
+        keys = list(self.api_keys) + _split_keys(os.environ.get(API_KEYS_ENV, ""))
+        if self.api_keys_file:
+            try:
+                keys += _split_keys(Path(self.api_keys_file).read_text())
+            except OSError as e:
+                raise PipelineError(f"api_keys_file {self.api_keys_file}: {e.strerror or e}") from None
+        keys = list(dict.fromkeys(k for k in keys if k))
+        if self.keys_required and not keys:
+            raise PipelineError(f"keys_required, but no API key was given ({API_KEYS_ENV}, api_keys_file "
+                                f"{self.api_keys_file or '(none)'} or api_keys)")
+        return keys
+
+
+def _split_keys(text: str) -> list[str]:
+    return [k for k in re.split(r"[\s,]+", text) if k]
+
+
+class LimitsConfig(ConfigModel):
+    """Sizes a request may have, checked before any work on it (before its body is read, for the body)."""
+
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest request body (413 above it, read no further; images "
+        "travel in base64 inside it).")
+    max_prompt_chars: int = Field(
+        1_000_000, ge=1, description="Longest prompt text (each prompt, all chat messages together, each "
+        "embedding input) in characters; 400 above it, before tokenising.")
+    max_stop_chars: int = Field(1000, ge=1, description="Longest stop string in characters (400 above it).")
+    max_items: int = Field(
+        256, ge=1, description="Most choices of one completion request (prompts x n), inputs of one embedding "
+        "request, images plus texts of one similarity request (400 above it).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width x height) decoded; 400 above it, from the header.")
 
 
 class ServeConfig(ConfigModel):
@@ -65,6 +120,7 @@ class ServeConfig(ConfigModel):
     scaling: AutoscaleConfig = AutoscaleConfig()
     batching: BatchConfig = BatchConfig()
     access: AccessConfig = AccessConfig()
+    limits: LimitsConfig = LimitsConfig()
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (torch threads follow).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
     max_loaded_adapters: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")

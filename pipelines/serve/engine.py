@@ -8,6 +8,10 @@ and is called from the replica (and, in the benchmark, directly).
   with the row's own temperature, top_p and `torch.Generator` (so a seed reproduces a completion
   whatever else shares the batch), and `RowStops` (a stopping criterion) ends each row at its own
   max_tokens, stop strings or end-of-text, and hands its new text to a streaming sink.
+- A row fails alone: an error in its own sampling or stopping ends that row (`Generation.error`) while
+  the batch goes on, and a batch that fails as a whole is run again row by row, so only the row that
+  breaks the model call fails. Sampling runs in float64; a temperature below `GREEDY_BELOW` is greedy,
+  and scores that are not finite give the most likely token.
 - Chat prompts use the tokenizer's chat template when it has one; otherwise a plain one:
   one `role: content` line per message, then `assistant:` (`plain_chat_prompt`).
 - Embeddings of a causal LM: the last hidden state, mean-pooled over the input's tokens and
@@ -21,6 +25,7 @@ images into one space and generates nothing.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,7 +39,15 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+log = logging.getLogger(__name__)
+
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+# Below this temperature a row is greedy: softmax(scores / t) is then one-hot up to float precision anyway,
+# and dividing by a denormal (1e-300, 1e-45) overflows to inf.
+GREEDY_BELOW = 1e-5
+# Characters at the end of the decoded text that can still change as tokens come (a multi-byte character
+# completed, a tokenizer's clean-up of spaces): stop strings are searched again over them.
+_UNSTABLE_TAIL = 8
 
 
 class AdapterError(Exception):
@@ -58,7 +71,12 @@ class Generation:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" or "length"
+    error: Exception | None = None  # why this row (and only it) failed
     _sent: int = 0  # characters of `text` handed to the sink
+    _searched: int = 0  # characters of `text` searched for stop strings
+
+    def __post_init__(self) -> None:
+        self.stop = [s for s in self.stop if s]  # "" would stop every row at once
 
     def step(self, token: int, tokenizer: PreTrainedTokenizerBase, eos: int | None) -> bool:
         """Take one generated token; return True when the row is done."""
@@ -70,7 +88,7 @@ class Generation:
             self.finish_reason = "stop"
             return True
         text = tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        cut = min((i for s in self.stop if (i := text.find(s)) >= 0), default=-1)
+        cut = self._find_stop(text)
         if cut >= 0:
             self.text, self.finish_reason = text[:cut], "stop"
         elif len(self.token_ids) >= self.max_tokens:
@@ -81,14 +99,35 @@ class Generation:
             self._flush(done=self.finish_reason is not None)
         return self.finish_reason is not None
 
+    def _find_stop(self, text: str) -> int:
+        """Where the first stop string starts in `text`, or -1. Only the part that is new since the last
+        token (plus a stop string's length and the unstable tail) is searched: linear in the text overall."""
+        if not self.stop:
+            return -1
+        start = max(0, min(self._searched, len(text)) - max(map(len, self.stop)) - _UNSTABLE_TAIL)
+        self._searched = len(text)
+        return min((i for s in self.stop if (i := text.find(s, start)) >= 0), default=-1)
+
+    def _held(self) -> int:
+        """How many characters at the end of the text could be the start of a stop string (held back)."""
+        held = 0
+        for s in self.stop:
+            # The longest end of the text that s starts with: try each place of s[0] among its last len(s)-1.
+            i = self.text.find(s[0], max(0, len(self.text) - len(s) + 1))
+            while i >= 0 and len(self.text) - i > held:
+                if s.startswith(self.text[i:]):
+                    held = len(self.text) - i
+                    break
+                i = self.text.find(s[0], i + 1)
+        return held
+
     def _flush(self, done: bool) -> None:
         """Send the text that can no longer change: not a half-decoded character, not a stop string's start."""
         end = len(self.text)
         if not done:
             if self.text.endswith("\ufffd"):  # a multi-byte character cut between tokens
                 end = len(self.text.rstrip("\ufffd"))
-            held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            end = min(end, len(self.text) - held)
+            end = min(end, len(self.text) - self._held())
         if end > self._sent:
             assert self.sink is not None
             self.sink(self.text[self._sent:end])
@@ -104,22 +143,35 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, rows: Sequence[Generation]):
         self.rows = rows
-        self.generators = [_generator(r.seed) if r.temperature > 0 else None for r in rows]
+        self.generators = [_generator(r.seed) if r.temperature >= GREEDY_BELOW else None for r in rows]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for i, (row, gen) in enumerate(zip(self.rows, self.generators)):
-            if gen is None:
+            if gen is None or row.finish_reason is not None or row.error is not None:
                 continue
-            probs = torch.softmax(scores[i] / row.temperature, dim=-1)
-            if row.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                outside = sorted_probs.cumsum(0) - sorted_probs > row.top_p  # keeps at least the top token
-                probs[order[outside]] = 0.0
-            token = torch.multinomial(probs, 1, generator=gen)
+            try:
+                token = draw(scores[i], row.temperature, row.top_p, gen)
+            except Exception as e:  # this row's failure: its batch-mates go on
+                row.error = e
+                continue
             picked = torch.full_like(scores[i], float("-inf"))
             picked[token] = 0.0
             scores[i] = picked
         return scores
+
+
+def draw(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """A token from softmax(scores / temperature) cut to the top_p mass (at least the top token), in
+    float64; the most likely token when the scores are not finite (a model that overflowed)."""
+    logits = torch.nan_to_num(scores.double(), nan=float("-inf"))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return int(logits.argmax())
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keeps at least the top token
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class RowStops(StoppingCriteria):
@@ -132,7 +184,12 @@ class RowStops(StoppingCriteria):
         done = torch.ones(len(self.rows), dtype=torch.bool, device=input_ids.device)
         last = input_ids[:, -1].tolist()
         for i, row in enumerate(self.rows):
-            done[i] = row.finish_reason is not None or row.step(last[i], self.tokenizer, self.eos)
+            if row.finish_reason is not None or row.error is not None:
+                continue
+            try:
+                done[i] = row.step(last[i], self.tokenizer, self.eos)
+            except Exception as e:  # this row's failure: its batch-mates go on
+                row.error = e
         return done
 
 
@@ -173,17 +230,42 @@ class TextEngine:
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, rows: Sequence[Generation]) -> None:
-        """Generate every row (its text, tokens and finish reason are filled in place)."""
+        """Generate every row (its text, tokens and finish reason are filled in place). A row that fails
+        gets its `error`; the others finish. Only `AdapterError` (adapters not loaded) is raised."""
         try:
             with self._lock, torch.inference_mode():
-                self._generate(rows)
+                try:
+                    self._generate(rows)
+                except AdapterError:
+                    raise
+                except Exception as e:
+                    if len(rows) == 1:
+                        rows[0].error = e
+                    else:  # run each unfinished row alone: the one that broke the batch fails alone
+                        log.warning("a batch of %d rows failed (%s: %s); running them one by one", len(rows),
+                                    type(e).__name__, e)
+                        for row in rows:
+                            self._generate_alone(row)
         finally:
             for row in rows:
-                if row.finish_reason is None:
+                if row.finish_reason is None and row.error is None:
                     row.finish_reason = "length"
                 if row.sink is not None:
-                    row._flush(done=True)
+                    if row.error is None:
+                        row._flush(done=True)
                     row.sink(None)
+
+    def _generate_alone(self, row: Generation) -> None:
+        if row.finish_reason is not None or row.error is not None:
+            return
+        if row._sent:  # part of it is streamed already: a rerun would not continue it
+            row.error = RuntimeError("generation failed after part of the text was sent")
+            return
+        row.token_ids, row.text, row._searched = [], "", 0
+        try:
+            self._generate([row])
+        except Exception as e:
+            row.error = e
 
     def _generate(self, rows: Sequence[Generation]) -> None:
         width = max(len(r.prompt_ids) for r in rows)

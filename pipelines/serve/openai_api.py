@@ -11,12 +11,21 @@ the benchmark also mounts it on plain uvicorn). Routes:
 - `POST /v1/similarity`        CLIP models: `{images: [...], texts: [...]}` -> the image x text cosine matrix
 - `GET  /healthz`              the model version being served (no key needed)
 - `POST /admin/reload`         check the registry now for a moved alias (the replica that gets it)
+- `GET  /openapi.json`         the OpenAPI document of all of these (no key needed)
 
 Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
-a field of the wrong type or out of its range 422, an unknown model 404, a prompt longer than the
+a field of the wrong type or out of its range (NaN and infinities included, a seed outside
+[-2**63, 2**64-1], text with a lone surrogate) 422, an unknown model 404, a prompt longer than the
 context (or max_tokens past it or past the server's limit) 400, a missing or wrong key 401, over
 the rate limit 429 with Retry-After. A CLIP model asked for completions, an LM asked for images or
 similarity, and an image that does not decode: 400.
+
+Untrusted clients cannot stall the others (`RequestGuard`, `LimitsConfig`): the key and the rate limit
+are checked before the body is read, a body past `max_body_bytes` gets 413 before it is read; texts past
+`max_prompt_chars`, stop strings past `max_stop_chars`, more than `max_items` prompts or inputs and
+images past `max_image_pixels` get 400 before any work; tokenising, chat templates and image decoding
+run in threads, never on the event loop. Clamping rules: a temperature below `GREEDY_BELOW` (1e-5) is
+greedy; top_p keeps at least the most likely token; empty stop strings are ignored.
 """
 
 from __future__ import annotations
@@ -38,15 +47,20 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.serve.engine import ClipEngine, Generation, TextEngine
+from pipelines import __version__
+from pipelines.serve.engine import GREEDY_BELOW, ClipEngine, Generation, TextEngine
 
 if TYPE_CHECKING:
     import torch
 
-    from pipelines.serve.config import ServeConfig
+    from pipelines.serve.config import LimitsConfig, ServeConfig
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[\w-]+\[.*\])$")
@@ -110,18 +124,43 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 # -- request schemas -----------------------------------------------------------------------------
-# Strict: "0.5" is not a number and 1 is not a bool; unknown fields (user, logit_bias...) are ignored.
+# Strict: "0.5" is not a number and 1 is not a bool; NaN and infinities are not numbers; unknown fields
+# (user, logit_bias, logprobs...) are ignored. Every text field refuses lone surrogates ("\\ud800" in
+# JSON is no character: a tokenizer cannot encode it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _characters_only(cls, value: Any) -> Any:
+        _check_text(value)
+        return value
+
+
+def _check_text(value: Any) -> None:
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise PydanticCustomError("invalid_unicode", "text holds a lone surrogate (U+D800-U+DFFF), not a "
+                                      "character")
+    elif isinstance(value, list) and value and not isinstance(value[0], int):  # token ids: nothing to check
+        for item in value:
+            _check_text(item)
 
 
 class _Sampling(_Request):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, description="At most the server's max_tokens_limit and what the "
+                                   "context leaves after the prompt (400 beyond).")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"Below {GREEDY_BELOW:g}: greedy, as 0.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Keeps the most likely tokens up to this mass, at least "
+                         "one.")
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 strings, each at most the server's max_stop_chars (400 beyond).")
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Reproduces a sampled row whatever "
+                             "shares its batch.")
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
 
@@ -131,7 +170,8 @@ class StreamOptions(_Request):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, texts, token ids or lists of them; each text at most the server's max_prompt_chars.")
     stream_options: StreamOptions | None = None
 
 
@@ -174,6 +214,125 @@ class SimilarityRequest(_Request):
     texts: Annotated[list[str], Field(min_length=1)]
 
 
+# -- response schemas (for /openapi.json: the routes answer these shapes as plain JSON) -------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or little-endian float32 in base64.")
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class Similarity(BaseModel):
+    object: Literal["similarity"]
+    model: str
+    similarity: list[list[float]] = Field(description="images x texts cosine similarities.")
+    pairs: list[float] | None = Field(None, description="Image i with text i, when the lists are as long.")
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    version: int
+    adapters: dict[str, int]
+
+
+class Reloaded(BaseModel):
+    model: str
+    version: int
+    previous_version: int
+    adapters: dict[str, int]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses: OpenAI's error body for each status."""
+    what = {400: "Invalid request (a value the server cannot serve, too long, not decodable)",
+            401: "Missing or wrong API key", 404: "Unknown model", 413: "Body larger than max_body_bytes",
+            422: "A field of the wrong type or out of its range", 429: "Over the rate limit (Retry-After)",
+            503: "An adapter could not be loaded now; retry"}
+    return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
+
+
+def _streamed(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI 200 of a route that answers JSON, or server-sent events with `stream: true`."""
+    return {200: {"model": model, "description": "The answer; with stream: true, server-sent events of its chunks",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
 # -- what the routes call ------------------------------------------------------------------------
 class ModelServer(Protocol):
     """The replica as the routes see it."""
@@ -199,12 +358,12 @@ class AccessControl:
         self.rate_limit = rate_limit
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
 
-    async def check(self, request: Request) -> None:
-        """Raise 401 without a valid key, 429 over the limit (async: FastAPI runs a sync one in a thread)."""
-        who = request.client.host if request.client else "unknown"
+    def check(self, headers: Headers, client: str | None) -> None:
+        """Raise 401 without a valid key, 429 over the limit."""
+        who = client or "unknown"
         if self.keys:
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            given = token.strip().encode()
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            given = token.strip().encode(errors="surrogateescape")
             if scheme.lower() != "bearer" or not given:
                 raise APIError(401, "missing API key: send Authorization: Bearer KEY", code="invalid_api_key")
             if not any(hmac.compare_digest(given, k) for k in self.keys):
@@ -227,23 +386,78 @@ class AccessControl:
         self._buckets[who] = (tokens - 1.0, now)
 
 
+class RequestGuard:
+    """ASGI middleware: the key, the rate limit and the body's size are checked before the app reads a
+    byte of the body, so a caller without a key learns nothing and costs nothing (a malformed body without
+    a key gets 401). A body past `max_body_bytes` gets 413: at once from its Content-Length, or as soon as
+    a chunked body passes the limit (the app then sees the client gone)."""
+
+    OPEN = frozenset({"/healthz", "/openapi.json"})
+
+    def __init__(self, app: ASGIApp, access: AccessControl, max_body_bytes: int):
+        self.app, self.access, self.max_body_bytes = app, access, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        client = scope.get("client")
+        try:
+            self.access.check(headers, client[0] if client else None)
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+                raise self._too_large()
+        except APIError as e:
+            await e.response()(scope, receive, send)
+            return
+        received, answered = 0, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    answered = True
+                    await self._too_large().response()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not answered:  # once the 413 is sent, whatever the app answers goes nowhere
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of {self.max_body_bytes} "
+                        "bytes", code="request_too_large")
+
+
 # -- the app -------------------------------------------------------------------------------------
 def build_api(server: ModelServer) -> FastAPI:
-    """The FastAPI app of `server`'s OpenAI-compatible routes."""
-    app = FastAPI(title="pipelines serve", openapi_url=None, docs_url=None, redoc_url=None)
+    """The FastAPI app of `server`'s OpenAI-compatible routes, with its OpenAPI document at /openapi.json."""
+    limits = server.config.limits
+    app = FastAPI(title="pipelines serve", version=__version__, openapi_url="/openapi.json", docs_url=None,
+                  redoc_url=None, description="OpenAI-compatible API of a model served by `pipelines serve`.")
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(RequestGuard, access=server.access, max_body_bytes=limits.max_body_bytes)
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> JSONResponse:
         return JSONResponse(server.health())
 
-    # Keys and the rate limit are checked before the body is read: a caller without a key learns nothing.
-    guarded = [Depends(server.access.check)]
+    # RequestGuard checks keys and the rate limit; the dependency only declares them in the OpenAPI document.
+    guarded = [Depends(HTTPBearer(auto_error=False))] if server.access.keys else []
+    denied = (401, 413, 429) if server.access.keys else (413, 429)
 
-    @app.get("/v1/models", dependencies=guarded)
+    @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=_errors(*denied))
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "pipelines"} for m in server.model_ids()]})
@@ -255,12 +469,18 @@ def build_api(server: ModelServer) -> FastAPI:
                            "not completions", param="model", code="model_not_supported")
         return engine, adapter
 
-    @app.post("/v1/completions", dependencies=guarded)
+    generation_errors = _errors(400, *denied, 404, 422, 503)
+
+    @app.post("/v1/completions", dependencies=guarded, responses=_streamed(Completion) | generation_errors)
     async def completions(body: CompletionRequest) -> Response:
         engine, adapter = await text_engine(body.model)
-        prompts = _prompt_ids(body.prompt, engine)
-        rows = [_row(server.config, engine, ids, body, body.max_tokens, adapter, "prompt")
-                for ids in prompts for _ in range(body.n)]
+        stop = _stop_strings(body.stop, limits)
+        prompts = _prompt_list(body.prompt)
+        _check_count(len(prompts) * body.n, limits, "prompt", "prompts times n")
+        _check_chars(prompts, limits, "prompt")
+        prompt_ids = await asyncio.to_thread(_prompt_ids, prompts, engine, "prompt")  # CPU work: off the loop
+        rows = [_row(server.config, engine, ids, body, body.max_tokens, stop, adapter, "prompt")
+                for ids in prompt_ids for _ in range(body.n)]
         meta = _meta("cmpl", body.model, engine)
         if body.stream:
             _single_choice(rows)
@@ -271,12 +491,18 @@ def build_api(server: ModelServer) -> FastAPI:
                    for i, r in enumerate(rows)]
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": _usage(rows)})
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
+    @app.post("/v1/chat/completions", dependencies=guarded, responses=_streamed(ChatCompletion) | generation_errors)
     async def chat(body: ChatRequest) -> Response:
         engine, adapter = await text_engine(body.model)
-        ids = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+        stop = _stop_strings(body.stop, limits)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if sum(len(m["content"]) for m in messages) > limits.max_prompt_chars:
+            raise APIError(400, f"the messages hold more than this server's limit of {limits.max_prompt_chars} "
+                           "characters", param="messages", code="string_too_long")
+        _check_count(body.n, limits, "n", "n")
+        ids = await asyncio.to_thread(engine.chat_prompt, messages)  # the template and tokenizer: off the loop
         max_tokens = body.max_completion_tokens or body.max_tokens
-        rows = [_row(server.config, engine, ids, body, max_tokens, adapter, "messages") for _ in range(body.n)]
+        rows = [_row(server.config, engine, ids, body, max_tokens, stop, adapter, "messages") for _ in range(body.n)]
         meta = _meta("chatcmpl", body.model, engine)
         if body.stream:
             _single_choice(rows)
@@ -287,15 +513,19 @@ def build_api(server: ModelServer) -> FastAPI:
                     "logprobs": None} for i, r in enumerate(rows)]
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(rows)})
 
-    @app.post("/v1/embeddings", dependencies=guarded)
+    @app.post("/v1/embeddings", dependencies=guarded, response_model=EmbeddingList,
+              responses=_errors(400, *denied, 404, 422, 503))
     async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
+        items = [body.input] if isinstance(body.input, str) or isinstance(body.input[0], int) else list(body.input)
+        _check_count(len(items), limits, "input", "inputs")
+        _check_chars([x for x in items if isinstance(x, str)], limits, "input")
         if isinstance(engine, ClipEngine):
-            return await _clip_embeddings(server, engine, body)
-        if isinstance(body.input, list) and any(isinstance(x, ImageInput) for x in body.input):
+            return await _clip_embeddings(server, engine, body, items)
+        if any(isinstance(x, ImageInput) for x in items):
             raise APIError(400, f"model {body.model!r} embeds text only (images need a CLIP model)", param="input",
                            code="model_not_supported")
-        inputs = _prompt_ids(body.input, engine)  # type: ignore[arg-type]
+        inputs = await asyncio.to_thread(_prompt_ids, items, engine, "input")  # type: ignore[arg-type]
         for i, ids in enumerate(inputs):
             if len(ids) > engine.context_length:
                 raise APIError(400, f"input {i} has {len(ids)} tokens; the model's context is "
@@ -305,32 +535,34 @@ def build_api(server: ModelServer) -> FastAPI:
             raise APIError(400, f"dimensions {body.dimensions} > the model's {width}", param="dimensions",
                            code="invalid_value")
         vectors = (await server.embed(engine, inputs, adapter)).numpy()
-        if body.dimensions is not None:
-            vectors = vectors[:, :body.dimensions]
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-                for i, v in enumerate(vectors)]
+        data = _embedding_data(vectors, body.dimensions, body.encoding_format)
         tokens = sum(len(ids) for ids in inputs)
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @app.post("/v1/similarity", dependencies=guarded)
+    @app.post("/v1/similarity", dependencies=guarded, response_model=Similarity,
+              responses=_errors(400, *denied, 404, 422, 503))
     async def similarity(body: SimilarityRequest) -> JSONResponse:
         engine, _ = await server.resolve(body.model)
         if not isinstance(engine, ClipEngine):
             raise APIError(400, f"model {body.model!r} is not a CLIP model: similarity needs one", param="model",
                            code="model_not_supported")
+        _check_count(len(body.images) + len(body.texts), limits, "images", "images and texts")
+        _check_chars(body.texts, limits, "texts")
 
-        images = await asyncio.to_thread(lambda: [_decode_image(v, f"images.{i}") for i, v in enumerate(body.images)])
+        def prepare() -> tuple[list[Any], int]:  # decoding and tokenising: off the loop
+            images = [_decode_image(v, f"images.{i}", limits.max_image_pixels) for i, v in enumerate(body.images)]
+            return images, sum(engine.tokens(t) for t in body.texts)
+
+        images, tokens = await asyncio.to_thread(prepare)
         texts, images = await server.clip_embed(engine, body.texts, images)
-        matrix = images @ texts.T
+        matrix = np.nan_to_num(images @ texts.T)
         out: dict[str, Any] = {"object": "similarity", "model": body.model, "similarity": matrix.tolist()}
         if len(body.images) == len(body.texts):
             out["pairs"] = np.diagonal(matrix).tolist()  # image i with text i
-        tokens = sum(engine.tokens(t) for t in body.texts)
         return JSONResponse(out | {"usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @app.post("/admin/reload", dependencies=guarded)
+    @app.post("/admin/reload", dependencies=guarded, response_model=Reloaded, responses=_errors(*denied))
     async def reload() -> JSONResponse:
         return JSONResponse(await server.reload())
 
@@ -338,9 +570,9 @@ def build_api(server: ModelServer) -> FastAPI:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-async def _clip_embeddings(server: ModelServer, engine: ClipEngine, body: EmbeddingRequest) -> JSONResponse:
+async def _clip_embeddings(server: ModelServer, engine: ClipEngine, body: EmbeddingRequest,
+                           items: list[Any]) -> JSONResponse:
     """Texts and images into the CLIP model's shared space, in the order given."""
-    items = [body.input] if isinstance(body.input, str) else list(body.input)
     if any(not isinstance(x, (str, ImageInput)) for x in items):
         raise APIError(400, "a CLIP model takes texts and images, not token ids", param="input", code="invalid_value")
     if body.dimensions is not None and body.dimensions > engine.width:
@@ -348,24 +580,33 @@ async def _clip_embeddings(server: ModelServer, engine: ClipEngine, body: Embedd
                        code="invalid_value")
     text_at = [i for i, x in enumerate(items) if isinstance(x, str)]
     image_at = [i for i, x in enumerate(items) if isinstance(x, ImageInput)]
+    max_pixels = server.config.limits.max_image_pixels
 
-    images = await asyncio.to_thread(
-        lambda: [_decode_image(items[i].image, f"input.{i}.image") for i in image_at])  # type: ignore[union-attr]
-    texts, images = await server.clip_embed(engine, [items[i] for i in text_at], images)  # type: ignore[misc]
+    def prepare() -> tuple[list[Any], int]:  # decoding and tokenising: off the loop
+        images = [_decode_image(items[i].image, f"input.{i}.image", max_pixels) for i in image_at]
+        return images, sum(engine.tokens(items[i]) for i in text_at)
+
+    images, tokens = await asyncio.to_thread(prepare)
+    texts, images = await server.clip_embed(engine, [items[i] for i in text_at], images)
     vectors = np.zeros((len(items), engine.width), np.float32)
     vectors[text_at], vectors[image_at] = texts, images
-    if body.dimensions is not None:
-        vectors = vectors[:, :body.dimensions]
+    return JSONResponse({"object": "list", "data": _embedding_data(vectors, body.dimensions, body.encoding_format),
+                         "model": body.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _embedding_data(vectors: np.ndarray, dimensions: int | None, encoding: str) -> list[dict[str, Any]]:
+    """OpenAI's embedding objects, cut to `dimensions` (then normalised again) when asked."""
+    vectors = np.nan_to_num(vectors)  # JSON has no NaN: a model that overflowed gives zeros, not a 500
+    if dimensions is not None:
+        vectors = vectors[:, :dimensions]
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+    return [{"object": "embedding", "index": i, "embedding": _encode_vector(v, encoding)}
             for i, v in enumerate(vectors)]
-    tokens = sum(engine.tokens(items[i]) for i in text_at)  # type: ignore[arg-type]
-    return JSONResponse({"object": "list", "data": data, "model": body.model,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
-def _decode_image(value: str, param: str) -> Any:
-    """A PIL RGB image from base64 or a data: URL; 400 naming `param` when it is neither or does not decode."""
+def _decode_image(value: str, param: str, max_pixels: int) -> Any:
+    """A PIL RGB image from base64 or a data: URL; 400 naming `param` when it is neither, is larger than
+    `max_pixels` (read from its header, before decoding) or does not decode."""
     from PIL import Image
 
     if value.startswith("data:"):
@@ -379,34 +620,65 @@ def _decode_image(value: str, param: str) -> Any:
         raise APIError(400, f"{param}: not base64", param=param, code="invalid_image") from None
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise APIError(400, f"{param}: {im.width}x{im.height} pixels, more than this server's limit of "
+                               f"{max_pixels}", param=param, code="image_too_large")
             return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except APIError:
+        raise
+    except Exception as e:  # PIL's decoders raise many kinds for bad data: all of them are the input's fault
         raise APIError(400, f"{param}: not an image that decodes ({type(e).__name__})", param=param,
                        code="invalid_image") from None
 
 
-def _prompt_ids(prompt: str | list[str] | list[int] | list[list[int]], engine: TextEngine) -> list[list[int]]:
-    """Token ids of each prompt (a text, texts, token ids or lists of them)."""
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request: a text, texts, token ids or lists of them."""
     if isinstance(prompt, str):
-        prompts: list[Any] = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
-    if not prompts:
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    if not prompt:
         raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _check_count(count: int, limits: LimitsConfig, param: str, what: str) -> None:
+    if count > limits.max_items:
+        raise APIError(400, f"{count} {what}: this server takes at most {limits.max_items} per request",
+                       param=param, code="too_many_items")
+
+
+def _check_chars(texts: Sequence[Any], limits: LimitsConfig, param: str) -> None:
+    """400 for a text past max_prompt_chars: checked before anything tokenises it."""
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and len(text) > limits.max_prompt_chars:
+            raise APIError(400, f"{param} {i} has {len(text)} characters, more than this server's limit of "
+                           f"{limits.max_prompt_chars}", param=param, code="string_too_long")
+
+
+def _stop_strings(stop: str | list[str] | None, limits: LimitsConfig) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    for s in stops:
+        if len(s) > limits.max_stop_chars:
+            raise APIError(400, f"a stop string of {len(s)} characters: this server's limit is "
+                           f"{limits.max_stop_chars}", param="stop", code="string_too_long")
+    return [s for s in stops if s]
+
+
+def _prompt_ids(prompts: Sequence[str | list[int]], engine: TextEngine, param: str) -> list[list[int]]:
+    """Token ids of each prompt (a text or token ids); CPU work, so called in a thread."""
     vocab = len(engine.tokenizer)
     out = []
     for p in prompts:
         ids = engine.encode(p) if isinstance(p, str) else list(p)
         if any(not 0 <= t < vocab for t in ids):
-            raise APIError(400, f"token ids must lie in [0, {vocab})", param="prompt", code="invalid_value")
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param=param, code="invalid_value")
         out.append(ids or [engine.tokenizer.bos_token_id if engine.tokenizer.bos_token_id is not None else engine.eos])
     return out
 
 
 def _row(config: ServeConfig, engine: TextEngine, ids: list[int], body: _Sampling, max_tokens: int | None,
-         adapter: str | None, prompt_param: str) -> Generation:
+         stop: list[str], adapter: str | None, prompt_param: str) -> Generation:
     room = engine.context_length - len(ids)
     if room < 1:
         raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {engine.context_length}",
@@ -419,7 +691,6 @@ def _row(config: ServeConfig, engine: TextEngine, ids: list[int], body: _Samplin
     elif max_tokens > room:
         raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context of {engine.context_length}", param="max_tokens", code="context_length_exceeded")
-    stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
     return Generation(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
                       adapter=adapter)
 

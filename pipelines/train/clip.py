@@ -1,5 +1,5 @@
 """`pipelines pretrain --kind clip`: contrastive pretraining of a CLIP-style image-text model on Ray Train +
-DeepSpeed, from the image shards of `pipelines crawl images` (`KEY.jpg` + `KEY.txt` caption).
+DeepSpeed, from the image shards of `pipelines crawl images` (`KEY.jpg`/`.webp`/`.png` + `KEY.txt` caption).
 
 The same engine as the language model (`pipelines/train/pretrain.py`): the driver resolves the run,
 trains the caption tokenizer, opens the MLflow run and starts a `TorchTrainer`; every worker runs
@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from rich.console import Console
 from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
+from pipelines.shards import IMAGE_EXTS, TAR_ERRORS, image_of, read_tar
 from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
 from pipelines.train.config import (PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig,
                                      TrainRunConfig)
@@ -72,21 +72,16 @@ class ClipPretrainConfig(TrainRunConfig):
 # -- data -----------------------------------------------------------------------------------------
 
 def read_image_tar(url: str) -> list[tuple[str, bytes, str]]:
-    """(key, image bytes, caption) of every sample of an image shard tar with both a `.jpg` and a `.txt`, in
-    tar order; a tar that cannot be read counts as empty, with a warning (as `data.read_tar`)."""
-    samples: dict[str, dict[str, bytes]] = {}
+    """(key, image bytes, caption) of every sample of an image shard tar with both an image (any format the
+    crawl writes) and a `.txt`, in tar order; a tar that cannot be read counts as empty, with a warning (as
+    `data.read_texts`)."""
     try:
-        fs, path = filesystem(url)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                if member.isfile() and ext in ("jpg", "txt"):
-                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as exc:
+        samples = read_tar(url, (*IMAGE_EXTS, "txt"))
+    except TAR_ERRORS as exc:
         log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
         return []
-    return [(key, s["jpg"], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
-            if "jpg" in s and "txt" in s]
+    return [(key, image[1], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
+            if "txt" in s and (image := image_of(s)) is not None]
 
 
 def heldout_pairs(shards: ShardSet, heldout_percent: float, limit: int) -> list[tuple[str, bytes, str]]:
@@ -216,7 +211,7 @@ class ImageCaptionStream:
             self.shards, self.seed, self.rank, self.world_size, self.heldout_percent, read_image_tar,
             (start.epoch, start.tar, start.sample, start.index),
             f"{self.shards.url}: rank {self.rank} of {self.world_size} found no training image-caption pair in "
-            f"{EMPTY_EPOCHS} epochs (no pairs with both .jpg and .txt, all held out, or unreadable tars)")
+            f"{EMPTY_EPOCHS} epochs (no pairs with both an image and a .txt, all held out, or unreadable tars)")
         for epoch, t, k, index, (key, data, caption) in walk:
             yield PairCursor(epoch, t, k, index), key, data, caption
 

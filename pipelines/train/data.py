@@ -22,9 +22,7 @@ along with its batch, so the main process always knows where every stream stands
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import tarfile
 from dataclasses import asdict, dataclass, replace
 from itertools import chain, islice
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -34,12 +32,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.errors import PipelineError
-from pipelines.runtime import filesystem
+from pipelines.shards import TAR_ERRORS, read_manifest, read_tar
 from pipelines.train.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE_FORMAT = "pipelines.train.TokenStream/v1"
 TOKENIZE_BATCH = 256  # documents per encode_batch call
 EMPTY_EPOCHS = 10  # a stream that finds no training sample in this many epochs in a row has none to find
@@ -58,17 +55,7 @@ class ShardSet:
 
 def open_shards(url: str) -> ShardSet:
     """The shard set at `url` (local folder or fsspec URL), from its `manifest.json`."""
-    fs, root = filesystem(url)
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    try:
-        with fs.open(path, "rb") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise PipelineError(f"{url}: no {MANIFEST} (not a shard folder, or its crawl has not finished)") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{url}: cannot read {MANIFEST} ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise PipelineError(f"{url}: {MANIFEST} is not a shard manifest (no `shards` list)")
+    manifest = read_manifest(url)
     shards = [s for s in manifest["shards"] if isinstance(s, dict) and s.get("samples") and s.get("tar")]
     if not shards:
         raise PipelineError(f"no shards found in {url}")
@@ -82,25 +69,19 @@ def is_heldout(key: str, percent: float) -> bool:
     return h < percent / 100 * 2**64
 
 
-def read_tar(url: str, ext: str = "txt") -> list[tuple[str, str]]:
+def read_texts(url: str, ext: str = "txt") -> list[tuple[str, str]]:
     """(key, text) of every sample of a shard tar with a `.{ext}` member (its text), in tar order.
 
     A tar that cannot be read (missing, truncated, not a tar) counts as empty, with a warning: one bad
     shard must not stop a training run. It is read whole before anything is returned, so a tar that
     breaks halfway gives nothing rather than a part that would shift every position after it.
     """
-    texts: dict[str, str] = {}
     try:
-        fs, path = filesystem(url)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for member in tar:
-                key, _, member_ext = member.name.partition(".")
-                if member.isfile() and member_ext == ext:
-                    texts[key] = tar.extractfile(member).read().decode("utf-8", "replace")
-    except (OSError, tarfile.TarError, EOFError) as exc:
+        samples = read_tar(url, [ext])
+    except TAR_ERRORS as exc:
         log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
         return []
-    return list(texts.items())
+    return [(key, s[ext].decode("utf-8", "replace")) for key, s in samples.items()]
 
 
 def iter_texts(shards: ShardSet, heldout_percent: float, split: Literal["train", "heldout"],
@@ -109,7 +90,7 @@ def iter_texts(shards: ShardSet, heldout_percent: float, split: Literal["train",
     if split not in ("train", "heldout"):
         raise PipelineError(f"split {split!r}: must be 'train' or 'heldout'")
     for url in shards.tars if tars is None else tars:
-        for key, text in read_tar(url, member):
+        for key, text in read_texts(url, member):
             if is_heldout(key, heldout_percent) == (split == "heldout"):
                 yield key, text
 
@@ -282,7 +263,7 @@ class TokenStream(IterableDataset):
     def _documents(self, stream: int, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """The training documents of `stream` from `start` on, each with its cursor, through epoch after epoch."""
         walk = training_samples(
-            self.shards, self.seed, stream, self.streams, self.heldout_percent, lambda url: read_tar(url, self.member),
+            self.shards, self.seed, stream, self.streams, self.heldout_percent, lambda url: read_texts(url, self.member),
             (start.epoch, start.tar, start.sample, start.index),
             f"{self.shards.url}: stream {stream} of {self.streams} found no training sample in {EMPTY_EPOCHS} "
             "epochs (too few samples for world_size x num_workers, all held out, or unreadable tars)")

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import Field
 from rich.console import Console
 
 from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
+from pipelines.shards import absolute, is_local
 from pipelines.train.config import EngineConfig, OptimConfig, TrainRunConfig
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, absolute, fit, local_copy, lr_lambda,
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, local_copy, lr_lambda,
                                       resolve_run, resources, save_checkpoint, start_engine, storage_root,
                                       worker_context, write_json, zero_label)
 
@@ -202,7 +202,7 @@ def _resolve_base(base: str, storage: str) -> tuple[str, str]:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             # config.json last: a half-copied base is never found
-            if isinstance(fs, LocalFileSystem):
+            if is_local(fs):
                 staged = f"{path}.tmp-{os.getpid()}"
                 fs.makedirs(staged, exist_ok=True)
                 fs.put(tmp + "/", staged, recursive=True)
@@ -214,7 +214,7 @@ def _resolve_base(base: str, storage: str) -> tuple[str, str]:
                     fs.put(os.path.join(tmp, name), f"{path}/{name}", recursive=True)
         return pinned, target
     folder = absolute(base)
-    if "://" not in folder and not Path(folder, "config.json").is_file():
+    if is_local(filesystem(folder)[0]) and not Path(folder, "config.json").is_file():
         raise PipelineError(f"{base}: neither a registered model (models:/NAME@ALIAS) nor a Hugging Face folder")
     return folder, folder
 

@@ -29,8 +29,9 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from pipelines.errors import PipelineError
-from pipelines.runtime import cluster_cpus, filesystem, init_ray, settings
+from pipelines.errors import InfrastructureError, PipelineError
+from pipelines.runtime import cluster_cpus, failpoint, filesystem, init_ray, settings
+from pipelines.shards import absolute, is_local, write_file
 from pipelines.train.config import PretrainConfig
 
 RUN_FILE = "run.json"
@@ -271,7 +272,40 @@ def fit(loop: Any, args: dict[str, Any], e: Any, run_name: str, storage: str, us
     try:
         return trainer.fit()
     except Exception as exc:  # ray.train.TrainingFailedError and friends: say what failed, in one line
-        raise PipelineError(f"training failed: {_error_line(exc)} (checkpoints in {storage}/{run_name})") from exc
+        mistake = _user_mistake(exc)
+        if mistake is not None:  # e.g. the data does not fit the run: a retry fails the same way
+            raise PipelineError(f"training stopped: {mistake}") from exc
+        raise InfrastructureError(f"training failed: {_error_line(exc)} (checkpoints in {storage}/{run_name}; "
+                                  f"continue with --resume {run_name})") from exc
+
+
+def _user_mistake(exc: BaseException) -> PipelineError | None:
+    """The PipelineError a worker raised, if that is what failed the training (Ray wraps it in its own
+    exceptions: a WorkerGroupError holds each rank's, a RayTaskError names the original as its `cause`)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, PipelineError):
+            return e
+        todo.extend(x for x in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(x, BaseException))
+        todo.extend(x for x in (getattr(e, "worker_failures", None) or {}).values() if isinstance(x, BaseException))
+    return None
+
+
+def retry_name(config: Any, name: str) -> Any:
+    """`config` to run as `name`: continued from its last checkpoint if an earlier attempt left that run in
+    storage (a retry after a worker, node or storage failure), else started under that name."""
+    if config.run_name or config.resume:
+        return config
+    storage = storage_root(config.storage)
+    fs, _ = filesystem(storage)
+    if fs.exists(f"{storage}/{name}/{RUN_FILE}"):
+        return config.model_copy(update={"resume": name})
+    return config.model_copy(update={"run_name": name})
 
 
 def _error_line(exc: BaseException) -> str:
@@ -425,6 +459,7 @@ def train_loop(args: dict[str, Any]) -> None:
                 update(loss)
                 total += loss.detach().float()
             step += 1
+            failpoint(f"pretrain-step-{step}")  # how the tests plant a failure inside a training run
             if world > 1:
                 dist.all_reduce(total)
             loss_value = total.item() / (e.grad_accum * world)
@@ -601,21 +636,16 @@ class local_copy:
         self.tmp: str | None = None
 
     def __enter__(self) -> str:
-        if "://" not in self.url or self.url.startswith("file://"):
-            return self.url.removeprefix("file://")
-        self.tmp = tempfile.mkdtemp(prefix="pipelines-")
         fs, path = filesystem(self.url)
+        if is_local(fs):
+            return path
+        self.tmp = tempfile.mkdtemp(prefix="pipelines-")
         fs.get(path.rstrip("/") + "/", self.tmp, recursive=True)
         return self.tmp
 
     def __exit__(self, *exc: Any) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def absolute(url: str) -> str:
-    """A local path made absolute; URLs as they are."""
-    return url if "://" in url else str(Path(url).absolute())
 
 
 def storage_root(storage: str | None) -> str:
@@ -625,6 +655,4 @@ def storage_root(storage: str | None) -> str:
 
 def write_json(fs: Any, url: str, data: Any) -> None:
     _, path = filesystem(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(data, f, indent=2)
+    write_file(fs, path, json.dumps(data, indent=2).encode())

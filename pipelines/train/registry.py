@@ -41,6 +41,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from pipelines import __version__
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, settings
+from pipelines.shards import absolute
 
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
@@ -157,7 +158,7 @@ def log_shards_input(shards_url: str, manifest: Mapping[str, Any], context: str 
     if not isinstance(manifest.get("digest"), str) or not isinstance(manifest.get("shards"), list):
         raise PipelineError(f"{shards_url}: not a shard manifest (no `digest` or `shards` list)")
     source = _dataset_source(shards_url)
-    name = _source_uri(shards_url).rstrip("/").rsplit("/", 1)[-1] or "shards"
+    name = absolute(shards_url).rstrip("/").rsplit("/", 1)[-1] or "shards"
     digest = manifest["digest"]
     profile = {
         "digest": digest,
@@ -173,7 +174,7 @@ def log_shards_input(shards_url: str, manifest: Mapping[str, Any], context: str 
     dataset = ShardsDataset(source, name=name, digest=digest[:DATASET_DIGEST_LIMIT], schema=Schema(columns),
                             profile={k: v for k, v in profile.items() if v is not None})
     mlflow.log_input(dataset, context=context)
-    mlflow.set_tags({f"lineage.{context}.digest": digest, f"lineage.{context}.url": _source_uri(shards_url)})
+    mlflow.set_tags({f"lineage.{context}.digest": digest, f"lineage.{context}.url": absolute(shards_url)})
     mlflow.log_dict(dict(manifest), f"lineage/{context}/manifest.json")
 
 
@@ -224,13 +225,8 @@ class FsspecDatasetSource(DatasetSource):
         return cls(source_dict["url"])
 
 
-def _source_uri(shards_url: str) -> str:
-    """The shards URL as lineage records it: a local path made absolute, any other URL as given."""
-    return shards_url if "://" in shards_url else str(Path(shards_url).absolute())
-
-
 def _dataset_source(shards_url: str) -> DatasetSource:
-    uri = _source_uri(shards_url)
+    uri = absolute(shards_url)
     try:
         with warnings.catch_warnings():
             # MLflow registers two equivalent resolvers for local paths and warns about the tie.

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
-from pipelines.train.data import Cursor, ShardSet, TokenStream, iter_texts, open_shards, read_tar
+from pipelines.train.data import Cursor, ShardSet, TokenStream, iter_texts, open_shards, read_texts
 from pipelines.train.tokenizer import CHAT_TEMPLATE, load_tokenizer
 
 IGNORE = -100
@@ -120,7 +120,7 @@ def heldout_examples(shards: ShardSet, tokenizer_dir: str, *, seq_len: int, max_
 def check_example_shards(shards: ShardSet) -> None:
     """Instruction shards carry `messages` in every sample's json: check the first one."""
     for url in shards.tars:
-        samples = read_tar(url, "json")
+        samples = read_texts(url, "json")
         if samples:
             if "messages" not in json.loads(samples[0][1]):
                 raise PipelineError(f"{shards.url}: its samples have no 'messages': not instruction data "

@@ -424,6 +424,22 @@ def test_rayservice_builds_the_app_and_its_pods_have_serves_env_and_port(monkeyp
         assert spec.get("enableInTreeAutoscaling") is True
 
 
+def test_rayservice_takes_its_api_keys_from_a_secret():
+    """Keys never sit in a manifest: the Serve config requires them and every pod reads them from a Secret."""
+    from pipelines.serve.config import API_KEYS_ENV
+
+    [(path, service)] = k8s_objects("RayService")
+    [application] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    access = application["args"]["access"]
+    assert "api_keys" not in access and access["keys_required"] is True, "a replica without keys must not start"
+    for group in groups(service["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env", [])}
+        where = group.get("groupName", "head")
+        assert API_KEYS_ENV in env and "value" not in env[API_KEYS_ENV], where
+        ref = env[API_KEYS_ENV]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] and ref["key"], where
+
+
 # -- Ray's cluster launcher ---------------------------------------------------------------------
 @pytest.mark.parametrize("path", LAUNCHER_FILES, ids=[p.name for p in LAUNCHER_FILES])
 def test_launcher_config_is_what_ray_up_accepts(path: Path):

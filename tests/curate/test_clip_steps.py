@@ -18,7 +18,7 @@ from PIL import Image
 from pipelines.curate.run import CurateConfig, curate
 from pipelines.curate.steps.clip import ClipScore, ClipScoreParams, SemanticDedup, SemanticDedupParams
 from pipelines.errors import PipelineError
-from pipelines.ingest.shards import ShardOutput, write_manifest, write_shard
+from pipelines.shards import ShardOutput, write_manifest, write_shard
 from pipelines.train.clip_model import load_clip
 from tests.tiny_clip import PAIRS, draw, jpeg, samples
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -31,9 +32,10 @@ from pipelines.curate.run import CurateConfig, curate
 from pipelines.curate.step import Step, StepParams, reasons, threshold
 from pipelines.errors import PipelineError
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images
-from pipelines.ingest.shards import ShardOutput
+from pipelines.shards import ShardOutput
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
 from tests.conftest import Photo, WebServer
+from tests.curate.loading import assert_loadable
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -106,8 +108,10 @@ def removed(out: Path) -> list[dict[str, Any]]:
 
 
 def snapshot(folder: Path) -> dict[str, int]:
-    """mtime of every file under `folder` (the work cache included)."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    """mtime of every file under `folder` (the work cache included; not the lock file, which names the run
+    holding the output)."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def check_step_counts(stats: dict[str, Any], samples_in: int) -> None:
@@ -247,6 +251,33 @@ def test_changed_thresholds_rerun_with_cached_scores(tmp_path: Path, corpus: Cor
     check_step_counts(looser.stats, len(corpus.texts))
 
 
+# -- one run per output, nothing stale in it ------------------------------------------------------
+def test_output_holds_only_the_shards_of_its_last_run(tmp_path: Path, corpus: Corpus) -> None:
+    out = tmp_path / "out"
+    curate(dedup_config(corpus, out))
+    assert len(list(out.glob("*.tar"))) == 4
+    small = tmp_path / "small"
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps({"id": d, "text": t}) + "\n"
+                                                  for d, t in list(corpus.texts.items())[:50]))
+    crawl_text(TextCrawlConfig(input=str(tmp_path / "small.jsonl"), output=str(small), shard_size=70, quiet=True))
+    (out / "00007.tar").write_bytes(b"published, then its writer was killed")
+
+    result = curate(dedup_config(corpus, out).model_copy(update={"input": str(small)}))
+
+    assert [s["tar"] for s in result.manifest["shards"]] == ["00000.tar"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".parquet") or "_stats" in p.name) == [
+        "00000.parquet", "00000.tar", "00000_stats.json", "removed.parquet"]
+
+
+def test_output_is_owned_by_one_run(tmp_path: Path, corpus: Corpus) -> None:
+    out = tmp_path / "out"
+    with ShardOutput(str(out)).lock():
+        with pytest.raises(PipelineError, match=f"^{out}: in use by another run \\(pid "):
+            curate(dedup_config(corpus, out))
+    assert not list(out.glob("*.tar"))
+    assert curate(dedup_config(corpus, out)).ok  # once the other run is over
+
+
 # -- a corrupt input shard ------------------------------------------------------------------------
 def test_corrupt_shard_is_reported_and_skipped(tmp_path: Path, corpus: Corpus) -> None:
     shards = tmp_path / "shards"
@@ -256,8 +287,10 @@ def test_corrupt_shard_is_reported_and_skipped(tmp_path: Path, corpus: Corpus) -
     lost = set(pq.read_table(shards / "00001.parquet").column("id").to_pylist())
     out = tmp_path / "out"
 
-    result = curate(CurateConfig(input=str(shards), output=str(out), steps=DEDUP, quiet=True))
+    result = curate(CurateConfig(input=str(shards), output=str(out), steps=DEDUP, quiet=True,
+                                 allow_skipped_shards=True))
 
+    assert result.ok and result.skipped_shards == result.stats["input"]["corrupt_shards"]
     assert list(result.stats["input"]["corrupt_shards"]) == ["00001"]
     assert "00001.tar" in result.stats["input"]["corrupt_shards"]["00001"]
     assert json.loads((out / "stats.json").read_text())["input"]["corrupt_shards"] == \
@@ -415,3 +448,192 @@ def test_images_default_config_removes_copies_and_reencodings(tmp_path: Path, ph
                                   empty_check=False))
     assert sorted(s["txt"].decode() for s in samples) == [f"photo {i}" for i in range(5)]
     assert all(s["jpg"][:2] == b"\xff\xd8" for s in samples)
+
+
+def test_skipped_shards_fail_the_run_unless_accepted(tmp_path: Path, corpus: Corpus) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus.shards, shards)
+    tar = shards / "00002.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    config = tmp_path / "curate.yaml"
+    config.write_text(yaml.safe_dump({"steps": DEDUP}))
+    args = ["curate", "--input", str(shards), "--output", str(tmp_path / "out"), "--config", str(config), "--quiet"]
+
+    for _ in range(2):  # the run, then its rerun (up to date): both fail
+        run = CliRunner().invoke(app, args)
+        assert run.exit_code == 1, run.output
+        assert "1 corrupt input shard(s) skipped (00002)" in run.stderr and "--allow-skipped-shards" in run.stderr
+
+    accepted = CliRunner().invoke(app, args + ["--allow-skipped-shards"])
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["input"]["corrupt_shards"].keys() == {"00002"}
+
+
+# -- curated shards are data: types kept, strict JSON, read by webdataset and datasets ------------
+def test_curated_shards_keep_their_types_and_load_with_webdataset_and_datasets(
+        tmp_path: Path, photo_web: WebServer) -> None:
+    # Text: `title` on every other document (null on the rest), `year` an integer column with nulls.
+    docs = [{"id": f"t{i}", "text": f"document {i} " + "word " * (5 + i),
+             **({"title": f"title {i}", "year": 2000 + i} if i % 2 == 0 else {})} for i in range(24)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    crawl_text(TextCrawlConfig(input=str(tmp_path / "docs.jsonl"), output=str(tmp_path / "shards/text"),
+                               shard_size=10, quiet=True))
+    urls = [f"/img/{i}.jpg" for i in range(7)] + ["/img/1.jpg"]
+    (tmp_path / "urls.jsonl").write_text("".join(
+        json.dumps({"url": photo_web.url(u), "caption": f"photo {i}", **({"rank": i} if i % 3 else {})}) + "\n"
+        for i, u in enumerate(urls)))
+    crawl = crawl_images(ImageCrawlConfig(
+        input=str(tmp_path / "urls.jsonl"), output=str(tmp_path / "shards/images"), shard_size=4,
+        image={"image_size": 64}, fetch={"allow_private_network": True, "retries": 0, "timeout": 5}, quiet=True))
+    assert crawl.ok
+    steps = {"text": [{"step": "length", "min_words": 8}, {"step": "language", "min_score": 0},
+                      {"step": "exact_dedup"}],
+             "images": [{"step": "aspect_ratio"}, {"step": "exact_dedup", "match": "image"}]}
+
+    for kind in ("text", "images"):
+        result = curate(CurateConfig(input=str(tmp_path / "shards" / kind), output=str(tmp_path / "curated" / kind),
+                                     steps=steps[kind], quiet=True))
+        assert result.ok and 0 < result.stats["output"]["samples"] < result.stats["input"]["samples"]
+
+        source, curated = tmp_path / "shards" / kind, tmp_path / "curated" / kind
+        # The input's columns with the input's types (int32 stays int32, with its nulls), then the scores.
+        schema_in = pq.read_schema(source / "00000.parquet")
+        added = {"text": {"length_words": pa.int64(), "length_chars": pa.int64(), "language_score": pa.float64()},
+                 "images": {"aspect_ratio": pa.float64()}}[kind]
+        for part in sorted(curated.glob("*.parquet")):
+            if part.name == "removed.parquet":
+                continue
+            schema_out = pq.read_schema(part)
+            assert [(f.name, f.type) for f in schema_out][:len(schema_in)] == [(f.name, f.type) for f in schema_in]
+            assert {f.name: f.type for f in schema_out}.items() >= added.items()
+        assert_loadable(source, tmp_path / "hf" / f"shards-{kind}")
+        assert assert_loadable(curated, tmp_path / "hf" / f"curated-{kind}") == result.stats["output"]["samples"]
+
+    metas = {m["id"]: m for m in (json.loads(s["json"]) for s in wds.WebDataset(
+        [str(p) for p in sorted((tmp_path / "curated/text").glob("*.tar"))], shardshuffle=False, empty_check=False))}
+    assert metas["t10"]["year"] == 2010 and type(metas["t10"]["year"]) is int
+    assert metas["t11"]["year"] is None and metas["t11"]["title"] is None and metas["t11"]["http_status"] is None
+    removed_scores = [json.loads(r["scores"], parse_constant=lambda c: pytest.fail(f"bare {c} in removed.parquet"))
+                      for r in removed(tmp_path / "curated/text")]
+    assert removed_scores
+
+
+# -- the cache follows the code -------------------------------------------------------------------
+PLUGIN_SOURCE = '''
+import pandas as pd
+from pipelines.curate.step import Step, StepParams, reasons, threshold
+
+
+class Marked(Step):
+    """Score `mark`; drop rows whose mark is below `min_mark`. Appends how many rows it scored to `calls`."""
+
+    name = "marked"
+    adds = ("mark",)
+
+    class Params(StepParams):
+        calls: str
+        min_mark: int = threshold(0)
+
+    def score(self, batch: pd.DataFrame) -> dict:
+        with open(self.params.calls, "a") as f:
+            f.write(f"{len(batch)}\\n")
+        return {"mark": pd.Series(MARK, index=batch.index)}
+
+    def drop(self, batch: pd.DataFrame) -> pd.Series:
+        return reasons(batch["mark"] < self.params.min_mark, "low_mark")
+'''
+
+
+def test_an_edited_step_is_recomputed(tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tmp_path / "plugin" / "edited_steps.py"
+    module.parent.mkdir()
+    monkeypatch.syspath_prepend(str(module.parent))
+    calls = tmp_path / "calls.txt"
+    config = dedup_config(corpus, tmp_path / "out", [{"step": "edited_steps:Marked", "calls": str(calls)}])
+    n = len(corpus.texts)
+
+    def run_with(mark: str, **options: Any) -> tuple[Any, set[Any]]:
+        module.write_text(PLUGIN_SOURCE.replace("MARK", mark))
+        sys.modules.pop("edited_steps", None)  # a new process, as a user's next command is
+        importlib.invalidate_caches()
+        result = curate(config.model_copy(update=options))
+        return result, {r["mark"] for r in read_rows(tmp_path / "out")}
+
+    first, marks = run_with("1")
+    assert marks == {1} and sum(scored_rows(calls)) == n
+    again, _ = run_with("1")
+    assert again.up_to_date and sum(scored_rows(calls)) == n
+
+    # score() edited: the run is not up to date, every row is scored again, and the output has the new scores.
+    edited, marks = run_with("(1 + 1)")
+    assert not edited.up_to_date and marks == {2} and sum(scored_rows(calls)) == 2 * n
+    assert edited.manifest["run_digest"] != first.manifest["run_digest"]
+
+    # --force recomputes what is cached.
+    forced, marks = run_with("(1 + 1)", force=True)
+    assert not forced.up_to_date and marks == {2} and sum(scored_rows(calls)) == 3 * n
+    assert forced.manifest["run_digest"] == edited.manifest["run_digest"]
+    run = CliRunner().invoke(app, ["curate", "--input", str(corpus.shards), "--output", str(tmp_path / "out"),
+                                   "--config", str(_yaml(tmp_path, config.steps)), "--quiet", "--force"])
+    assert run.exit_code == 0, run.output
+    assert sum(scored_rows(calls)) == 4 * n
+
+
+def _yaml(tmp_path: Path, steps: list[dict[str, Any]]) -> Path:
+    path = tmp_path / "steps.yaml"
+    path.write_text(yaml.safe_dump({"steps": steps}))
+    return path
+
+
+class ScoresWithThreshold(Step):
+    """Wrong on purpose: its score reads `min_words`, declared a threshold, so a cached score would go
+    stale when `min_words` changes."""
+
+    name = "scores_with_threshold"
+    adds = ("long_enough",)
+
+    class Params(StepParams):
+        min_words: int = threshold(0, ge=0)
+
+    def score(self, batch: pd.DataFrame) -> dict[str, pd.Series]:
+        return {"long_enough": batch["text"].str.split().str.len() >= self.params.min_words}
+
+    def drop(self, batch: pd.DataFrame) -> pd.Series:
+        return reasons(~batch["long_enough"], "too_short")
+
+
+def test_a_score_that_reads_a_threshold_is_an_error(tmp_path: Path, corpus: Corpus) -> None:
+    steps = [{"step": f"{__name__}:ScoresWithThreshold", "min_words": 90}]
+
+    with pytest.raises(PipelineError, match=r"^step scores_with_threshold: its scoring code reads `min_words`, "):
+        curate(dedup_config(corpus, tmp_path / "out", steps))
+
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+# -- every step's columns are checked before any work ---------------------------------------------
+@pytest.mark.parametrize("steps, step, missing", [
+    ([{"step": "length"}, {"step": "aspect_ratio"}], "aspect_ratio", "width, height"),
+    ([{"step": "language"}, {"step": "pii_redact"}, {"step": "image_size"}], "image_size", "width, height"),
+    ([{"step": "length"}, {"step": "exact_dedup", "keep": "highest", "keep_column": "length_word"}],
+     "exact_dedup", "length_word"),
+    ([{"step": "length"}, {"step": "phash_dedup"}], "phash_dedup", "image"),
+])
+def test_a_missing_column_stops_the_run_before_any_work(tmp_path: Path, corpus: Corpus, steps: list,
+                                                        step: str, missing: str) -> None:
+    with pytest.raises(PipelineError, match=rf"^steps\[{len(steps) - 1}\] \({step}\) needs column\(s\) {missing}; "):
+        curate(dedup_config(corpus, tmp_path / "out", steps))
+    assert not (tmp_path / "out" / "_work").exists()
+
+
+def test_a_column_an_earlier_step_declares_is_not_missing(tmp_path: Path, corpus: Corpus) -> None:
+    steps = [{"step": "length"}, {"step": "minhash_dedup", "keep": "highest", "keep_column": "length_words"}]
+    assert curate(dedup_config(corpus, tmp_path / "out", steps)).ok
+
+
+def test_a_column_missing_after_an_undeclared_scorer_stops_the_run(tmp_path: Path, corpus: Corpus) -> None:
+    # WordCount does not say what it adds: the check runs on each batch, before aspect_ratio sees it.
+    steps = [{"step": f"{__name__}:WordCount", "calls": str(tmp_path / "calls.txt")}, {"step": "aspect_ratio"}]
+    with pytest.raises(PipelineError, match=r"^step aspect_ratio needs column\(s\) width, height; "):
+        curate(dedup_config(corpus, tmp_path / "out", steps))
+    assert not list((tmp_path / "out").glob("*.tar"))

@@ -22,6 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.demo import build_sample, serve
+from tests.curate.loading import assert_loadable
 from tests.serve.conftest import _free_port_pair
 
 pytestmark = pytest.mark.slow
@@ -116,6 +117,15 @@ def versions(state: dict[str, Any], name: str) -> list[str]:
     return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
 
 
+def assert_shard_sets_load(state: dict[str, Any], summary: dict[str, Any], *stages: str) -> None:
+    """Each stage's shard set, read with webdataset and Hugging Face datasets (tests/curate/loading.py)."""
+    for stage in stages:
+        result = summary[stage]["result"]
+        cache = state["root"] / "hf-cache" / f"{stage}-{result['digest'][:12]}"  # one per content
+        samples = assert_loadable(Path(result["output"]), cache)
+        assert samples == result.get("samples", result.get("kept")), stage
+
+
 def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> None:
     summary, output = run_flow(state, PIPELINES_FAILPOINTS="curate-text=1")
 
@@ -126,6 +136,7 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> N
     assert summary["crawl-images"]["result"]["samples"] > 0
     assert 0 < summary["curate-text"]["result"]["kept"] <= summary["crawl-text"]["result"]["samples"]
     state["first_text_digest"] = summary["curate-text"]["result"]["digest"]
+    assert_shard_sets_load(state, summary, "crawl-images", "crawl-text", "curate-images", "curate-text")
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/1"
     assert summary["finetune"]["result"]["base"] == "models:/demo-lm/1"
     assert summary["finetune"]["result"]["adapter_uri"] == "models:/demo-chat/1"
@@ -182,6 +193,7 @@ def test_changed_curation_config_reruns_curate_and_what_follows(state: dict[str,
         "curate-text": "Completed", "pretrain": "Completed", "finetune": "Completed",
         "pretrain-clip": "Cached"}  # the image branch did not change
     assert summary["curate-text"]["result"]["removed"].get("length", 0) > 0
+    assert_shard_sets_load(state, summary, "curate-text")
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/2"
     assert summary["finetune"]["result"]["base"] == "models:/demo-lm/2"
     assert versions(state, "demo-lm") == ["1", "2"]

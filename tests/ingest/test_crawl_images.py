@@ -23,7 +23,6 @@ from PIL import Image
 
 from pipelines.errors import PipelineError
 from pipelines.ingest.images import METADATA_SCHEMA, ImageCrawlConfig, crawl_images
-from pipelines.ingest.reader import ROW_ERROR
 from tests.conftest import closed_port_url
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -73,8 +72,10 @@ def sha256(path: Path) -> str:
 
 
 def snapshot(out: Path) -> dict[str, tuple[str, int]]:
-    """Content digest and mtime of every shard file (not the manifest, which each run rewrites)."""
-    return {p.name: (sha256(p), p.stat().st_mtime_ns) for p in sorted(out.iterdir()) if p.name != "manifest.json"}
+    """Content digest and mtime of every shard file (not the manifest, which each run rewrites, nor the
+    lock file, which names the run holding the output)."""
+    return {p.name: (sha256(p), p.stat().st_mtime_ns) for p in sorted(out.iterdir())
+            if p.name not in ("manifest.json", ".lock")}
 
 
 def check_manifest(out: Path, result) -> dict:
@@ -127,7 +128,7 @@ def every_case(web) -> list[tuple[Any, str]]:
     rows: list[tuple[Any, str]] = [
         ({"url": url, "caption": f"caption {i} – ein Bild 猫", "row": i, "license": f"cc-{i % 3}"}, status)
         for i, (url, status) in enumerate(cases)]
-    rows.append(('{"url": "http://broken', "invalid_url"))  # malformed JSON line
+    rows.append(('{"url": "http://broken', "invalid_row"))  # malformed JSON line
     rows.append(({"link": u("/img/0.jpg"), "caption": "no url column", "row": len(rows)}, "invalid_url"))
     rows.append(({"url": u("/img/1.jpg?nocaption"), "row": len(rows)}, "success"))  # no caption: no .txt
     return rows
@@ -150,9 +151,8 @@ def test_crawl_writes_the_right_status_for_every_row(tmp_path, web, photos):
     assert [m["key"] for m in meta] == [f"{i // 8:05d}{i % 8}" for i in range(len(cases))]
     by_url = {m["url"]: m for m in meta if m["url"]}
 
-    # Extra input columns are carried, types kept; the parse-error marker is not.
+    # Extra input columns are carried, types kept.
     assert set(meta[0]) == {f.name for f in METADATA_SCHEMA} | {"row", "license"}
-    assert not any(ROW_ERROR in m for m in meta)
     assert meta[-2]["link"] == web.url("/img/0.jpg") and meta[-2]["caption"] == "no url column"
     assert [m["row"] for m in meta if m["row"] is not None] == \
         [i for i, (r, _) in enumerate(cases) if isinstance(r, dict)]
@@ -551,3 +551,84 @@ def test_killed_worker_without_retries_fails_its_shard_and_a_rerun_finishes(tmp_
     assert rerun.ok and (rerun.written, rerun.skipped) == (1, 5)
     assert web.hits_under("/img/") > 60
     check_every_sample_once(out, 60, rerun)
+
+
+# -- one output: whole shards, one input, one run at a time -----------------------------------------
+def test_shard_that_cannot_be_published_leaves_nothing_named_like_a_shard(tmp_path, web):
+    rows = [{"url": web.url(f"/img/{i % 4}.jpg?n={i}"), "caption": f"c{i}"} for i in range(6)]
+    config = make_config(tmp_path, rows, shard_size=2)
+    out = Path(config.output)
+    out.mkdir()
+    (out / "00001_stats.json").mkdir()  # a storage error at publication: the stats' name is taken by a folder
+    for _ in range(2):  # the run, then a rerun that fails the same way
+        result = crawl_images(config)
+        assert list(result.failed_shards) == [1] and "IsADirectoryError" in result.failed_shards[1]
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith("00001")) == ["00001_stats.json"]
+        assert sorted({s["__key__"][:5] for s in samples(out)}) == ["00000", "00002"]
+        check_manifest(out, result)
+    (out / "00001_stats.json").rmdir()
+    result = crawl_images(config)
+    assert result.ok and (result.written, result.skipped) == (1, 2)
+    check_every_sample_once(out, 6, result)
+
+
+def test_rerun_with_another_input_is_refused_and_never_mixed(tmp_path, web):
+    rows = [{"url": web.url(f"/img/{i % 4}.jpg?n={i}"), "caption": f"c{i}"} for i in range(8)]
+    config = make_config(tmp_path, rows, shard_size=4)
+    crawl_images(config)
+    out, source = Path(config.output), Path(config.input)
+    before, requests = snapshot(out), len(web.requests)
+    other = [{"url": web.url(f"/img/{i % 4}.jpg?m={i}"), "caption": f"c{i}"} for i in range(9)]
+    changed = {  # input -> the first shard that no longer matches it
+        "another list": (other, "00000"),
+        "one row edited": (rows[:5] + [dict(rows[5], caption="edited")] + rows[6:], "00001"),
+        "rows appended after a full last shard": (rows + other[:4], "00001"),
+        "rows cut at a shard's end": (rows[:4], "00000"),
+    }
+    for case, (new_rows, shard) in changed.items():
+        write_jsonl(source, new_rows)
+        with pytest.raises(PipelineError) as info:
+            crawl_images(config)
+        message = str(info.value)
+        assert message.startswith(f"{config.output}: shard {shard} was made from other input rows"), (case, message)
+        assert "--output" in message and "--overwrite" in message and "\n" not in message
+        assert snapshot(out) == before and len(web.requests) == requests, case
+
+    write_jsonl(source, other)
+    result = crawl_images(config.model_copy(update={"overwrite": True}))
+    assert result.ok and (result.written, result.skipped) == (3, 0)
+    check_every_sample_once(out, 9, result)
+    assert [m["url"] for m in metadata(out)] == [r["url"] for r in other]
+    assert (crawl_images(config).skipped, crawl_images(config).written) == (3, 0)  # and it resumes from there
+
+
+def test_rerun_refuses_shards_beyond_a_shorter_input(tmp_path, web):
+    rows = [{"url": web.url(f"/img/{i % 4}.jpg?n={i}"), "caption": f"c{i}"} for i in range(6)]
+    config = make_config(tmp_path, rows, shard_size=2)
+    crawl_images(config)
+    out = Path(config.output)
+    (out / "00001_stats.json").unlink()  # shard 1 unfinished: the shorter input's last shard is not among the done
+    write_jsonl(Path(config.input), rows[:4])
+    with pytest.raises(PipelineError, match=f"^{config.output}: shard 00002 was made from input rows that are no longer"):
+        crawl_images(config)
+    assert (out / "00002.tar").exists() and not (out / "00001.tar").exists()
+
+
+def test_two_crawls_into_one_output_one_is_refused_the_other_completes(tmp_path, make_web):
+    web = make_web(image_delay=0.05)
+    rows = [{"url": web.url(f"/img/{i % 4}.jpg?i={i}"), "caption": f"c{i}"} for i in range(30)]
+    config = make_config(tmp_path, rows, shard_size=10, fetch={"concurrency": 1})
+    outcome: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: outcome.update(result=crawl_images(config)), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 60
+    while web.hits_under("/img/") < 2 and time.monotonic() < deadline:  # the first run is at work
+        time.sleep(0.02)
+    with pytest.raises(PipelineError) as info:
+        crawl_images(config)
+    message = str(info.value)
+    assert message.startswith(f"{config.output}: in use by another run (pid {os.getpid()} on ") and "\n" not in message
+    first.join(120)
+    result = outcome["result"]
+    assert result.ok and (result.written, result.skipped) == (3, 0)
+    check_every_sample_once(Path(config.output), 30, result)

@@ -153,6 +153,24 @@ def test_jsonl_corpus_into_shards(tmp_path: Path) -> None:
     assert result.manifest["samples"] == 2 and result.manifest["stats"]["status"]["success"] == 2
 
 
+def test_rerun_on_a_changed_corpus_is_refused_and_overwrite_starts_over(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+
+    def write(ids: range) -> None:
+        corpus.write_text("".join(json.dumps({"id": i, "text": f"document number {i}"}) + "\n" for i in ids))
+
+    write(range(5))
+    config = TextCrawlConfig(input=str(corpus), output=str(tmp_path / "out"), shard_size=2, quiet=True)
+    crawl_text(config)
+    write(range(1, 6))  # one document dropped at the start, one added at the end: every shard shifts
+    with pytest.raises(PipelineError, match=f"^{config.output}: shard 00000 was made from other input rows"):
+        crawl_text(config)
+    assert [r["id"] for r in read_rows(tmp_path / "out")] == ["0", "1", "2", "3", "4"]
+
+    result = crawl_text(config.model_copy(update={"overwrite": True}))
+    assert result.ok and [r["id"] for r in read_rows(tmp_path / "out")] == ["1", "2", "3", "4", "5"]
+
+
 def test_parquet_corpus_with_named_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"doc_id": ["a", "b", "c"], "content": ["alpha text", None, "gamma text"],
                              "url": ["https://example.org/a", None, "https://example.org/c"],

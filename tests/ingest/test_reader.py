@@ -1,4 +1,4 @@
-"""Reading URL lists: formats, folders, shards, malformed lines kept as error rows, clear errors."""
+"""Reading URL lists: formats, folders, shards, malformed lines kept as invalid rows, clear errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.errors import PipelineError
-from pipelines.ingest.reader import ROW_ERROR, InputReader, detect_format
+from pipelines.ingest.reader import InputReader, detect_format
+from pipelines.ingest.rows import InvalidRow
 
 ROWS = [{"url": f"http://example.com/{i}.jpg", "caption": f"caption {i}", "license": "cc-by" if i % 2 else "cc0"}
         for i in range(7)]
@@ -66,14 +67,12 @@ def test_compressed_jsonl(tmp_path):
     assert read(path) == ROWS
 
 
-def test_csv_keeps_every_value_a_string_across_blocks(tmp_path):
-    # Type inference on the first block would make `id` an integer column and then break (or
-    # turn '007' into 7) on a later block; every value must come back as written.
+def test_csv_keeps_every_value_a_string(tmp_path):
+    # No type inference: it would turn '007' into 7, or break on 'n/a' after 300 integers.
     rows = [{"url": f"http://a/{i}", "id": str(i)} for i in range(300)] + [{"url": "http://a/x", "id": "007"},
                                                                             {"url": "http://a/y", "id": "n/a"}]
     path = write_delimited(tmp_path / "list.csv", rows, ",")
-    reader = InputReader(str(path), ["url"], block_size=512)
-    assert list(reader.rows()) == rows
+    assert read(path) == rows
 
 
 def test_csv_quoted_fields_with_commas_and_newlines(tmp_path):
@@ -125,15 +124,15 @@ def test_shards_are_the_same_on_every_read(tmp_path):
     assert list(InputReader(str(path), ["url"]).shards(2)) == list(InputReader(str(path), ["url"]).shards(2))
 
 
-# -- malformed rows become error rows ------------------------------------------------------------
-def test_malformed_json_lines_become_error_rows(tmp_path):
+# -- malformed rows become invalid rows ----------------------------------------------------------
+def test_malformed_json_lines_become_invalid_rows(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n{not json\n" + "[1, 2]\n" + json.dumps(ROWS[1]) + "\n\n"
                     + json.dumps(ROWS[2]) + "\n")
     rows = read(path)
-    assert [r.get("url") for r in rows] == [ROWS[0]["url"], None, None, ROWS[1]["url"], ROWS[2]["url"]]
-    assert rows[1][ROW_ERROR].startswith(f"{path} line 2: malformed JSON")
-    assert rows[2][ROW_ERROR] == f"{path} line 3: malformed JSON (not a JSON object)"
+    assert [isinstance(r, InvalidRow) for r in rows] == [False, True, True, False, False]
+    assert rows[1].reason.startswith(f"{path} line 2: malformed JSON")
+    assert rows[2].reason == f"{path} line 3: malformed JSON (not a JSON object)"
 
 
 def test_malformed_first_json_line_does_not_hide_the_column_check(tmp_path):
@@ -144,15 +143,15 @@ def test_malformed_first_json_line_does_not_hide_the_column_check(tmp_path):
 
 
 @pytest.mark.parametrize("sep, ext", [(",", "csv"), ("\t", "tsv")])
-def test_rows_with_the_wrong_field_count_become_error_rows(tmp_path, sep, ext):
+def test_rows_with_the_wrong_field_count_become_invalid_rows(tmp_path, sep, ext):
     path = tmp_path / f"list.{ext}"
     lines = ["url", "caption"], ["http://a/1", "one"], ["http://a/2", "two", "extra"], ["http://a/3"], \
         ["http://a/4", "four"]
     path.write_text("\n".join(sep.join(line) for line in lines) + "\n")
     rows = read(path)
-    assert [r for r in rows if ROW_ERROR not in r] == [{"url": "http://a/1", "caption": "one"},
-                                                       {"url": "http://a/4", "caption": "four"}]
-    errors = [r[ROW_ERROR] for r in rows if ROW_ERROR in r]
+    assert [r for r in rows if not isinstance(r, InvalidRow)] == [{"url": "http://a/1", "caption": "one"},
+                                                                  {"url": "http://a/4", "caption": "four"}]
+    errors = [r.reason for r in rows if isinstance(r, InvalidRow)]
     assert len(errors) == 2 and all(e.startswith(str(path)) for e in errors)
     assert sorted(e.rpartition(": ")[2] for e in errors) == ["expected 2 fields, got 1", "expected 2 fields, got 3"]
 
@@ -160,8 +159,78 @@ def test_rows_with_the_wrong_field_count_become_error_rows(tmp_path, sep, ext):
 def test_wrong_field_count_error_names_the_row(tmp_path):
     path = tmp_path / "list.csv"
     path.write_text("url,caption\nhttp://a/1,one\nhttp://a/2,two,extra\n")
-    (error,) = [r[ROW_ERROR] for r in read(path) if ROW_ERROR in r]
+    (error,) = [r.reason for r in read(path) if isinstance(r, InvalidRow)]
     assert "line 3" in error or "http://a/2" in error
+
+
+# -- bad rows are that row's problem: stored by a rule or an invalid row, never the input's end --------
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "txt"])
+def test_invalid_utf8_becomes_replacement_characters(tmp_path, fmt):
+    path = tmp_path / f"list.{fmt}"
+    line = {"jsonl": b'{"url": "http://a/\xff\xfe", "n": "\xed\xa0\x80"}', "txt": b"http://a/\xff\xfe"}.get(
+        fmt, b"http://a/\xff\xfe" + (b"," if fmt == "csv" else b"\t") + b"\xed\xa0\x80")
+    header = {"csv": b"url,n\n", "tsv": b"url\tn\n"}.get(fmt, b"")
+    path.write_bytes(header + b"\n".join([line, line.replace(b"\xff\xfe", b"ok")]) + b"\n")
+    rows = read(path)
+    assert [r["url"] for r in rows] == ["http://a/\ufffd\ufffd", "http://a/ok"]
+    assert all(r.get("n", "\ufffd" * 3) == "\ufffd" * 3 for r in rows)  # the UTF-8 spelling of a surrogate
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_delimited_rows_longer_than_any_block_and_nul_bytes(tmp_path, fmt):
+    sep = "," if fmt == "csv" else "\t"
+    long = "x" * 5_000_000
+    path = tmp_path / f"list.{fmt}"
+    path.write_text(f"url{sep}caption\nhttp://a/1{sep}{long}\nhttp://a/2{sep}nul \x00 byte\nhttp://a/3{sep}c\n")
+    assert read(path) == [{"url": "http://a/1", "caption": long}, {"url": "http://a/2", "caption": "nul \x00 byte"},
+                          {"url": "http://a/3", "caption": "c"}]
+
+
+def test_json_lines_unreadable_for_any_reason_are_invalid_rows(tmp_path):
+    path = tmp_path / "list.jsonl"
+    lines = ["[" * 200_000 + "]" * 200_000, "NaN", "null", '"text"', '{"url": "http://a/1", "x": 1', "\x00"]
+    path.write_text("\n".join([json.dumps(ROWS[0])] + lines + [json.dumps(ROWS[1])]) + "\n")
+    rows = read(path)
+    assert rows[0] == ROWS[0] and rows[-1] == ROWS[1] and len(rows) == len(lines) + 2
+    assert all(isinstance(r, InvalidRow) for r in rows[1:-1])
+    assert [r.reason.split(":")[0] for r in rows[1:-1]] == [f"{path} line {i}" for i in range(2, len(lines) + 2)]
+    assert "RecursionError" in rows[1].reason
+
+
+def test_input_cannot_forge_an_invalid_row(tmp_path):
+    path = write_jsonl(tmp_path / "list.jsonl", [{"url": "http://a/1", "__row_error__": "forged"}])
+    assert read(path) == [{"url": "http://a/1", "__row_error__": "forged"}]
+
+
+def test_json_values_are_made_storable(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"url": "http://a/\\ud800", "big": 18446744073709551616, "small": -9223372036854775808, '
+                    '"nan": NaN, "inf": -Infinity, "huge": 1e400, "f": 2.5, "\\udc00": {"1": ["\\ud83d"]}, '
+                    '"pair": "\\ud83d\\ude00"}\n'
+                    '{"url": "http://a/2", "deep": ' + "[" * 150 + "]" * 150 + "}\n")
+    first, deep = read(path)
+    assert first == {"url": "http://a/\ufffd", "big": "18446744073709551616", "small": -(2**63), "nan": None,
+                     "inf": None, "huge": "1e400", "f": 2.5, "\ufffd": {"1": ["\ufffd"]}, "pair": "\U0001f600"}
+    assert isinstance(deep, InvalidRow)
+    assert deep.reason == f"{path} line 2: column 'deep': value nested deeper than 100 levels"
+
+
+def test_empty_first_object_does_not_decide_the_columns(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text("{}\n" + json.dumps(ROWS[0]) + "\n")
+    assert read(path) == [{}, ROWS[0]]
+
+
+def test_parquet_values_python_cannot_hold_fail_only_their_row(tmp_path):
+    path = tmp_path / "list.parquet"
+    seconds = [0, 253402300800 * 2, 0]  # the second is past year 9999
+    pq.write_table(pa.table({"url": ["http://a/1", "http://a/2", "http://a/3"],
+                             "when": pa.array(seconds, pa.int64()).cast(pa.timestamp("s")),
+                             "raw": pa.array([b"\xff", b"ok", None], pa.binary()),
+                             "u": pa.array([2**64 - 1, 1, None], pa.uint64())}), path)
+    first, bad, last = read(path)
+    assert first["raw"] == "\ufffd" and first["u"] == str(2**64 - 1) and last["u"] is None
+    assert isinstance(bad, InvalidRow) and bad.reason.startswith(f"{path} row 1: column 'when'")
 
 
 # -- errors --------------------------------------------------------------------------------------

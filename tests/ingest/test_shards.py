@@ -1,13 +1,23 @@
-"""The shard tar writer: archives that tarfile, GNU tar and webdataset all read back exactly."""
+"""The shard format: tars that tarfile, GNU tar and webdataset all read back exactly, shards published
+whole or not at all, one run per output."""
 
 import hashlib
+import os
+import signal
 import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import webdataset as wds
 
-from pipelines.ingest.shards import ShardOutput, ShardWriter, TarStream, metadata_table
+from pipelines.errors import PipelineError
+from pipelines.ingest.shards import metadata_table
+from pipelines.shards import ShardOutput, ShardWriter, TarStream, owned, write_shard
+
+KEY = pa.schema([("key", pa.string())])
 
 
 def test_tar_stream_round_trips_through_tarfile_and_gnu_tar(tmp_path):
@@ -48,3 +58,68 @@ def test_aborted_shard_leaves_nothing(tmp_path):
     writer.add("000000000", {"txt": b"x"})
     writer.abort()
     assert list(tmp_path.iterdir()) == [] and out.done_shards() == set()
+
+
+def shard_named(folder) -> list[str]:
+    """Files a `*.tar` / `*.parquet` / `*.json` glob would pick up as data."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".tar", ".parquet", ".json"))
+
+
+def test_shard_whose_publication_fails_leaves_nothing_named_like_a_shard(tmp_path):
+    out = ShardOutput(str(tmp_path))
+    (tmp_path / "00003_stats.json").mkdir()  # the stats cannot be published: its name is taken by a folder
+    writer = ShardWriter(out, 3)
+    writer.add("000030000", {"txt": b"x"})
+    with pytest.raises(IsADirectoryError):
+        writer.close(metadata_table([{"key": "000030000"}], pa.schema([("key", pa.string())])), {"count": 1})
+    assert shard_named(tmp_path) == ["00003_stats.json"] and (tmp_path / "00003_stats.json").is_dir()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name] and out.done_shards() == set()
+
+
+def test_a_run_removes_what_unfinished_shards_left_when_it_starts_and_ends(tmp_path):
+    out = ShardOutput(str(tmp_path))
+    write_shard(out, 0, [("000000000", {"txt": b"done"})], metadata_table([{"key": "000000000"}], KEY), {"count": 1})
+    for name in ("00001.tar", "00001.parquet", "00002_stats.json", ".00003.tar.tmp-deadbeef"):
+        (tmp_path / name).write_bytes(b"left by a killed writer")
+    with owned(out):
+        assert shard_named(tmp_path) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+        (tmp_path / "00004.tar").write_bytes(b"published, then the writer died")
+    assert shard_named(tmp_path) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_second_run_into_an_output_is_refused_in_one_line_naming_the_holder(tmp_path):
+    out = ShardOutput(str(tmp_path))
+    with out.lock():
+        with pytest.raises(PipelineError) as info, ShardOutput(str(tmp_path)).lock():
+            pass
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path}: in use by another run (pid {os.getpid()} on ")
+        assert "\n" not in message and "--output" in message
+    with out.lock():  # released when the run ends
+        pass
+
+
+HOLD = """
+import sys, time
+from pipelines.shards import ShardOutput, owned
+with owned(ShardOutput(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineError, match=f"in use by another run \\(pid {holder.pid} "):
+            ShardOutput(str(tmp_path)).lock().__enter__()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        with owned(ShardOutput(str(tmp_path))):  # the OS released the dead run's lock
+            pass
+    finally:
+        holder.kill()
+        holder.wait()

@@ -7,6 +7,7 @@ real Ray Serve replica on loopback; its vectors are checked against the same fol
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +164,44 @@ def test_bad_input_gets_an_openai_error_never_a_500(url: str, path: str, body: d
 def test_healthz_names_the_version(url: str) -> None:
     assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok", "model": "tiny-clip", "version": 1,
                                                                "adapters": {}}
+
+
+def png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("1", (width, height)).save(out, "PNG")  # a few KB, whatever the size: all one colour
+    return out.getvalue()
+
+
+def test_hostile_inputs_get_4xx_and_their_batch_mates_finish(url: str, images) -> None:
+    """A huge image (refused from its header), a text that is no valid unicode, too many inputs: each gets its
+    4xx, never a 500, and the good requests sent at the same moment all finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad = [
+        ("/v1/embeddings", {"model": "tiny-clip", "input": [{"image": b64(png(9000, 9000))}]}, 400, "input.0.image"),
+        ("/v1/similarity", {"model": "tiny-clip", "images": [b64(png(9000, 9000))], "texts": ["x"]}, 400, "images.0"),
+        ("/v1/embeddings", {"model": "tiny-clip", "input": [{"image": b64(images[0][:200])}]}, 400, "input.0.image"),
+        ("/v1/embeddings", {"model": "tiny-clip", "input": ["a red \ud800"]}, 422, "input"),
+        ("/v1/similarity", {"model": "tiny-clip", "images": [b64(images[0])], "texts": ["\udfff"]}, 422, "texts"),
+        ("/v1/embeddings", {"model": "tiny-clip", "input": ["x"] * 1000}, 400, "input"),
+        ("/v1/embeddings", {"model": "tiny-clip", "input": "x", "dimensions": 10**30}, 400, "dimensions"),
+    ]
+    good = {"model": "tiny-clip", "input": [CAPTIONS[0], {"image": b64(images[1])}]}
+
+    def send(request: tuple[str, dict]) -> httpx.Response:
+        path, body = request
+        content = json.dumps(body)  # lone surrogates go on the wire as \ud800 escapes, as a client may send them
+        return httpx.post(f"{url}{path}", content=content, headers={"content-type": "application/json"}, timeout=120)
+
+    for path, body, status, param in bad:
+        with ThreadPoolExecutor(11) as pool:
+            answers = list(pool.map(send, [("/v1/embeddings", good)] * 5 + [(path, body)]
+                                    + [("/v1/embeddings", good)] * 5))
+        r = answers[5]
+        assert r.status_code == status, (param, r.text[:300])
+        assert r.json()["error"]["param"] == param, r.text[:300]
+        assert [a.status_code for a in answers[:5] + answers[6:]] == [200] * 10, param

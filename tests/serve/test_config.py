@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,10 @@ def test_emitted_config_is_a_serve_deploy_config(tmp_path: Path, monkeypatch: py
     [deployment] = application.deployments
     assert (deployment.name, deployment.num_replicas, deployment.max_ongoing_requests) == (DEPLOYMENT, 2, 64)
     # What `serve deploy` does with it: call the builder with the args.
-    assert ServeConfig.model_validate(application.args) == config.model_copy(update={"emit_config": None})
+    # The keys stay out: the replicas get them from the cluster, and refuse to start without.
+    unkeyed = config.access.model_copy(update={"api_keys": [], "keys_required": True})
+    assert ServeConfig.model_validate(application.args) == config.model_copy(update={"emit_config": None,
+                                                                                      "access": unkeyed})
     built = build_app(application.args)
     assert built._bound_deployment.num_replicas == 2
     single = emit_config(ServeConfig(model="models:/lm@champion"), tmp_path / "one.yaml").read_text()
@@ -85,7 +89,10 @@ def test_cli_serve_emits_the_config_and_reports_mistakes_in_one_line(tmp_path: P
     assert result.exit_code == 0, result.output
     args = yaml.safe_load(out.read_text())["applications"][0]["args"]
     assert args["adapter"] == ["models:/a@champion", "models:/b@champion"]
-    assert args["scaling"]["autoscale"] is True and args["access"]["api_keys"] == ["sk-1"]
+    assert args["scaling"]["autoscale"] is True
+    # The key is never written out; the replicas must get one on the cluster or refuse to start.
+    assert "sk-1" not in out.read_text() and "api_keys" not in args["access"]
+    assert args["access"]["keys_required"] is True
     bad = runner.invoke(app, ["serve", "--model", "lm", "--emit-config", str(out)])
     assert bad.exit_code == 2 and "not a registered model URI" in bad.output
 
@@ -97,3 +104,42 @@ def test_serving_a_model_that_is_not_registered_is_a_one_line_error(tmp_path: Pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(PipelineError, match="no-such-model"):
         serve_model(ServeConfig(model="models:/no-such-model@champion", blocking=False))
+
+
+def test_emitted_config_never_holds_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.serve.config import API_KEYS_ENV
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    secret = "sk-very-secret-0123456789"
+    monkeypatch.setenv(API_KEYS_ENV, secret)
+    key_file = tmp_path / "api-keys"  # a mounted Secret
+    key_file.write_text(secret + "\n")
+    for access in [{}, {"api_keys": [secret]}, {"api_keys_file": str(key_file)}]:
+        out = emit_config(ServeConfig(model="models:/lm@champion", access=access), tmp_path / "serve.yaml")
+        text = out.read_text()
+        assert secret not in text, access
+        args = yaml.safe_load(text)["applications"][0]["args"]
+        assert args["access"]["keys_required"] is True and API_KEYS_ENV in text, access
+        assert ServeConfig.model_validate(args).access.resolve_keys() == [secret]  # what a replica reads
+    monkeypatch.delenv(API_KEYS_ENV)
+    open_config = emit_config(ServeConfig(model="models:/lm@champion"), tmp_path / "open.yaml").read_text()
+    assert yaml.safe_load(open_config)["applications"][0]["args"]["access"]["keys_required"] is False
+    # Nor does any dump of the config (Prefect's parameters, digests) or its repr.
+    config = ServeConfig(model="models:/lm@champion", access={"api_keys": [secret]})
+    assert secret not in json.dumps(config.model_dump(mode="json")) and secret not in repr(config)
+
+
+def test_keys_come_from_the_environment_a_file_or_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.serve.config import API_KEYS_ENV, AccessConfig
+
+    monkeypatch.setenv(API_KEYS_ENV, "sk-a, sk-b\nsk-c")
+    keys = tmp_path / "keys"
+    keys.write_text("sk-d\n\nsk-a\n")
+    access = AccessConfig(api_keys=["sk-z"], api_keys_file=str(keys))
+    assert access.resolve_keys() == ["sk-z", "sk-a", "sk-b", "sk-c", "sk-d"]
+    monkeypatch.delenv(API_KEYS_ENV)
+    assert AccessConfig().resolve_keys() == []
+    with pytest.raises(PipelineError, match="no API key"):
+        AccessConfig(keys_required=True).resolve_keys()  # a replica refuses to start open
+    with pytest.raises(PipelineError, match="api_keys_file"):
+        AccessConfig(api_keys_file=str(tmp_path / "missing")).resolve_keys()

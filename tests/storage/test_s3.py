@@ -29,7 +29,8 @@ import torch
 
 from pipelines.errors import PipelineError
 from pipelines.ingest.reader import InputReader
-from pipelines.ingest.shards import ShardOutput, metadata_table, shard_stats, write_manifest, write_shard
+from pipelines.ingest.shards import metadata_table, shard_stats
+from pipelines.shards import ShardOutput, owned, write_manifest, write_shard
 from pipelines.train.data import TokenStream, iter_texts, make_loader, open_shards
 from pipelines.train.pretrain import local_copy
 from pipelines.train.tokenizer import train_tokenizer
@@ -91,6 +92,26 @@ def test_shards_are_uploaded_whole_and_only_complete_ones_count_as_done(s3: Buck
     s3.put("a-file", b"x")
     with pytest.raises(PipelineError, match="a-file: cannot use as output folder"):
         ShardOutput(s3.url("a-file"))
+
+
+def test_output_in_a_bucket_is_owned_by_one_run_and_a_dead_runs_lock_expires(s3: Bucket) -> None:
+    out = ShardOutput(s3.url("out"))
+    s3.put("out/00002.tar", b"published, then its writer was killed")
+    with owned(out):
+        assert json.loads(s3.read("out/.lock"))["pid"] == os.getpid()
+        assert "out/00002.tar" not in s3.objects()  # a shard without stats is no shard
+        with pytest.raises(PipelineError) as info, ShardOutput(s3.url("out")).lock():
+            pass
+        assert str(info.value).startswith(f"{s3.url('out')}: in use by another run (pid {os.getpid()} on ")
+    assert "out/.lock" not in s3.objects()  # released at the end of the run
+    # A run killed while holding it never renews its lock: once expired, the next run takes it.
+    dead = {"run": "dead", "pid": 1, "host": "elsewhere", "started": "2026-01-01T00:00:00Z"}
+    s3.put("out/.lock", json.dumps({**dead, "expires": time.time() + 60}).encode())
+    with pytest.raises(PipelineError, match="in use by another run \\(pid 1 on elsewhere"):
+        out.lock().__enter__()
+    s3.put("out/.lock", json.dumps({**dead, "expires": time.time() - 1}).encode())
+    with out.lock():
+        assert json.loads(s3.read("out/.lock"))["run"] != "dead"
 
 
 def test_url_lists_stream_from_a_bucket_in_file_order(s3: Bucket) -> None:

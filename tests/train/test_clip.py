@@ -14,17 +14,19 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
 from pipelines.ingest.images import METADATA_SCHEMA
-from pipelines.ingest.shards import ShardOutput, metadata_table, shard_stats, write_manifest, write_shard
+from pipelines.ingest.shards import metadata_table, shard_stats
+from pipelines.shards import ShardOutput, write_manifest, write_shard
 from pipelines.train.clip import ClipPretrainConfig, ImageCaptionStream, image_tensor, pretrain_clip, read_image_tar
 from pipelines.train.data import open_shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30)}
 SHAPES = ["circle", "square", "triangle"]
 CAPTIONS = [f"a {c} {s}" for c in COLOURS for s in SHAPES]
+PIL_FORMATS = {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
 
-def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 48) -> bytes:
-    """A JPEG of one shape at a random place and size on a grey background."""
+def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 48, fmt: str = "JPEG") -> bytes:
+    """An image (JPEG unless `fmt` says otherwise) of one shape at a random place and size on a grey background."""
     image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(90, 160, 3)))
     r = int(rng.integers(size // 5, size // 3))
     cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
@@ -36,20 +38,22 @@ def draw(colour: str, shape: str, rng: np.random.Generator, size: int = 48) -> b
     else:
         pen.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
+    image.save(out, fmt, quality=90)
     return out.getvalue()
 
 
-def write_shape_shards(url: str, count: int, per_shard: int, seed: int = 0) -> None:
-    """`count` captioned shapes as image shards at `url`, through the crawler's own writer."""
+def write_shape_shards(url: str, count: int, per_shard: int, seed: int = 0, formats: tuple[str, ...] = ("jpg",)) -> None:
+    """`count` captioned shapes as image shards at `url`, through the crawler's own writer; the images in
+    `formats` in turn (the crawl writes jpg, webp or png)."""
     rng = np.random.default_rng(seed)
     out = ShardOutput(url)
     stats = []
     for sid, start in enumerate(range(0, count, per_shard)):
         keys = [f"{sid:05d}{i:04d}" for i in range(min(per_shard, count - start))]
         captions = [CAPTIONS[int(rng.integers(len(CAPTIONS)))] for _ in keys]
-        samples = [(k, {"jpg": draw(*c.split()[1:], rng), "txt": c.encode(), "json": b"{}"})
-                   for k, c in zip(keys, captions, strict=True)]
+        exts = [formats[(start + i) % len(formats)] for i in range(len(keys))]
+        samples = [(k, {ext: draw(*c.split()[1:], rng, fmt=PIL_FORMATS[ext]), "txt": c.encode(), "json": b"{}"})
+                   for k, c, ext in zip(keys, captions, exts, strict=True)]
         metas = [{"key": k, "caption": c, "status": "success"} for k, c in zip(keys, captions, strict=True)]
         stats.append(write_shard(out, sid, samples, metadata_table(metas, METADATA_SCHEMA),
                                  shard_stats("digest", metas, time.time())))
@@ -221,3 +225,34 @@ def test_flow_pretrain_with_a_clip_config_runs_the_clip_stage_and_caches_it(tmp_
     assert second["state"] == "Cached" and second["result"]["model_uri"] == "models:/flow-clip/1"
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     assert [str(v.version) for v in client.search_model_versions("name='flow-clip'")] == ["1"]
+
+
+@pytest.fixture(scope="module")
+def webp_png_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("webp-png") / "shards")
+    write_shape_shards(url, count=96, per_shard=48, seed=1, formats=("webp", "png"))
+    return url
+
+
+def test_webp_and_png_shards_feed_the_stream(webp_png_shards: str, tmp_path: Path) -> None:
+    from pipelines.train.tokenizer import train_tokenizer
+
+    shards = open_shards(webp_png_shards)
+    pairs = [p for tar in shards.tars for p in read_image_tar(tar)]
+    assert len(pairs) == 96  # every sample, whichever format its image is in
+    assert {Image.open(io.BytesIO(image)).format for _, image, _ in pairs} == {"WEBP", "PNG"}
+    tokenizer = train_tokenizer(CAPTIONS, 300, str(tmp_path / "tok"))
+    stream = ImageCaptionStream(shards, tokenizer, image_size=32, max_text_len=8, micro_batch=8, world_size=1,
+                                rank=0, seed=0, shuffle_buffer=16, heldout_percent=10)
+    pixels, ids, mask = next(iter(stream))
+    assert pixels.shape == (8, 3, 32, 32) and ids.shape == mask.shape == (8, 8)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_clip_trains_on_webp_and_png_shards(tmp_path: Path, webp_png_shards: str, tracking: MlflowClient) -> None:
+    config = tiny_config(tmp_path, webp_png_shards, workers=1, zero_stage=0, micro_batch=16, max_steps=3,
+                         checkpoint_every=3, eval_batches=1)
+    config.registry.register_model = False
+    result = pretrain_clip(config)
+    assert not result.stopped and result.steps == 3
+    assert np.isfinite(tracking.get_run(result.mlflow_run_id).data.metrics["loss"])

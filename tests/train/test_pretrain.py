@@ -170,3 +170,77 @@ def test_bad_config_is_one_line_before_any_worker(tmp_path: Path, shards: str, a
 def test_resume_of_an_unknown_run_is_an_error(tmp_path: Path, shards: str) -> None:
     with pytest.raises(PipelineError, match="no run named 'nope'"):
         pretrain(tiny_config(tmp_path, shards).model_copy(update={"resume": "nope"}))
+
+
+def _subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This environment less the tests' Ray, Prefect and MLflow settings: the command starts its own."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "PIPELINES_", "RAY_SERVE_")) and k != "RAY_ADDRESS"}
+    return env | {"PIPELINES_HOME": str(tmp_path / "home"), **extra}
+
+
+TINY_OPTIONS = ["--preset", "tiny", "--hidden-size", "64", "--intermediate-size", "176", "--vocab-size", "400",
+                "--seq-len", "64", "--heldout-percent", "10", "--workers", "1", "--micro-batch", "4",
+                "--eval-batches", "2", "--max-failures", "0", "--model-name", "tiny-lm", "--quiet"]
+
+
+def test_failure_inside_training_is_an_infrastructure_error_and_a_resume_continues(
+        tmp_path: Path, shards: str, tracking: MlflowClient) -> None:
+    """A failure planted at step 7 of a run (the worker raises, no restarts left) exits 1, not 2 (worth a
+    rerun, not the user's mistake), in one line naming the run to resume; the resume continues from the
+    step-5 checkpoint to the end."""
+    import subprocess
+    import sys
+
+    env = _subprocess_env(tmp_path, PIPELINES_FAILPOINTS="pretrain-step-7=1",
+                          PIPELINES_FAILPOINTS_STATE=str(tmp_path / "failpoints"),
+                          MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"])
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", "--shards", shards, "--storage",
+                           str(tmp_path / "runs"), "--run-name", "planted", "--max-steps", "12",
+                           "--checkpoint-every", "5", *TINY_OPTIONS],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-4000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training failed" in errors[0] and "planted failure 1 of 1" in errors[0], proc.stderr
+    assert "--resume planted" in errors[0]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]  # (Ray shows the worker's traceback before it)
+
+    resumed = pretrain(tiny_config(tmp_path, shards, workers=1, zero_stage=0, max_steps=12, checkpoint_every=5)
+                       .model_copy(update={"resume": "planted"}))
+    assert resumed.steps == 12 and not resumed.stopped
+    restored = tracking.get_metric_history(resumed.mlflow_run_id, "restored_from_step")
+    assert [m.value for m in restored] == [5]
+    assert sorted(loss_by_step(tracking, resumed.mlflow_run_id)) == list(range(1, 13))
+
+
+def test_flow_retries_a_training_run_that_failed_inside_and_continues_it(tmp_path: Path, shards: str) -> None:
+    """`pipelines flow pretrain` with a failure planted inside the training run: Prefect retries the stage
+    (an infrastructure failure, not a user mistake), and the retry continues the same run from its last
+    checkpoint rather than starting over; one model version comes out."""
+    import subprocess
+    import sys
+
+    env = _subprocess_env(tmp_path, PIPELINES_FAILPOINTS="pretrain-step-7=1",
+                          PIPELINES_FAILPOINTS_STATE=str(tmp_path / "failpoints"))
+    sets = {"data.shards": shards, "model.hidden_size": 64, "model.intermediate_size": 176,
+            "tokenizer.vocab_size": 400, "data.seq_len": 64, "data.heldout_percent": 10, "engine.workers": 1,
+            "engine.micro_batch": 4, "engine.eval_batches": 2, "engine.max_steps": 12,
+            "engine.checkpoint_every": 5, "engine.max_failures": 0, "registry.model_name": "flow-lm"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "flow", "pretrain", "-c",
+                           str(Path(__file__).parents[2] / "configs/pretrain/lm-tiny.yaml"), *args,
+                           "--summary-json", str(summary)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[2])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "planted failure 1 of 1" in output  # it did fail inside the run, once
+    result = json.loads(summary.read_text())
+    assert result["state"] == "Completed" and result["runs"] == 2 and result["result"]["steps"] == 12, result
+    assert result["result"]["model_uri"] == "models:/flow-lm/1"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    run_id = result["result"]["mlflow_run_id"]
+    assert [m.value for m in client.get_metric_history(run_id, "restored_from_step")] == [5]  # continued
+    assert sorted(loss_by_step(client, run_id)) == list(range(1, 13))
+    assert [str(v.version) for v in client.search_model_versions("name='flow-lm'")] == ["1"]

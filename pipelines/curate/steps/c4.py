@@ -34,6 +34,7 @@ class C4Lines(Step):
     decisions again: score columns are cached, the text is not)."""
 
     name = "c4_lines"
+    adds = ("c4_lines", "c4_lines_kept", "c4_sentences", "c4_lorem_ipsum", "c4_curly_bracket")
 
     class Params(StepParams):
         remove_citations: bool = True

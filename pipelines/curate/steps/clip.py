@@ -121,6 +121,7 @@ class ClipScore(ClipModelStep):
     """
 
     name = "clip_score"
+    adds = ("clip_score",)
     columns: ClassVar[tuple[str, ...]] = ("image", "text")
     Params = ClipScoreParams
     params: ClipScoreParams

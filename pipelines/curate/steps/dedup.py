@@ -189,7 +189,10 @@ class PHashParams(DedupParams):
     def _index_covers_threshold(self) -> PHashParams:
         if self.max_distance >= self.hash_size ** 2:
             raise ValueError(f"max_distance must be below the hash's {self.hash_size ** 2} bits")
-        if self.index_distance is not None and self.max_distance > self.index_distance:
+        if self.index_distance is None:
+            # The index shapes the signatures, which are cached without thresholds: it takes its own value.
+            self.index_distance = self.max_distance
+        elif self.max_distance > self.index_distance:
             raise ValueError("max_distance must not exceed index_distance")
         return self
 
@@ -210,7 +213,7 @@ class PHashDedup(DedupStep):
         bits = bits.reshape(len(batch), p.hash_size ** 2)
         words = np.packbits(bits, axis=1)
         words = np.pad(words, ((0, 0), (0, -words.shape[1] % 8))).view(U64)  # whole uint64 words
-        bands = (p.index_distance if p.index_distance is not None else p.max_distance) + 1
+        bands = p.index_distance + 1
         return {"bands": bit_bands(bits, bands), "payload": words.ravel(),
                 "offsets": np.arange(len(batch) + 1, dtype=np.int64) * words.shape[1]}
 

@@ -36,6 +36,9 @@ class GopherQuality(Step):
     A threshold of None turns its rule off."""
 
     name = "gopher_quality"
+    adds = ("gopher_words", "gopher_avg_word_length", "gopher_hash_ratio", "gopher_ellipsis_ratio",
+            "gopher_bullet_lines_ratio", "gopher_ellipsis_lines_ratio", "gopher_alpha_words_ratio",
+            "gopher_stop_words")
 
     class Params(StepParams):
         min_doc_words: int | None = threshold(50, ge=0)
@@ -54,10 +57,7 @@ class GopherQuality(Step):
     def score(self, batch: pd.DataFrame) -> pd.DataFrame:
         stop = frozenset(self.params.stop_words)
         rows = [self._score_one(text, stop) for text in batch["text"].fillna("").tolist()]
-        return pd.DataFrame(rows, index=batch.index, columns=[
-            "gopher_words", "gopher_avg_word_length", "gopher_hash_ratio", "gopher_ellipsis_ratio",
-            "gopher_bullet_lines_ratio", "gopher_ellipsis_lines_ratio", "gopher_alpha_words_ratio",
-            "gopher_stop_words"])
+        return pd.DataFrame(rows, index=batch.index, columns=list(self.adds))
 
     @staticmethod
     def _score_one(text: str, stop: frozenset[str]) -> tuple:
@@ -208,6 +208,9 @@ class GopherRepetition(Step):
     Fractions of characters are of the whole text; a threshold of None turns its rule off."""
 
     name = "gopher_repetition"
+    adds = (("gopher_dup_para_frac", "gopher_dup_para_char_frac", "gopher_dup_line_frac", "gopher_dup_line_char_frac")
+            + tuple(f"gopher_top_{n}gram_char_frac" for n in TOP_NGRAMS)
+            + tuple(f"gopher_dup_{n}gram_char_frac" for n in DUP_NGRAMS))
 
     class Params(StepParams):
         dup_line_frac: float | None = threshold(0.3, ge=0)
@@ -229,11 +232,7 @@ class GopherRepetition(Step):
 
     def score(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = [self._score_one(text) for text in batch["text"].fillna("").tolist()]
-        columns = (["gopher_dup_para_frac", "gopher_dup_para_char_frac", "gopher_dup_line_frac",
-                    "gopher_dup_line_char_frac"]
-                   + [f"gopher_top_{n}gram_char_frac" for n in TOP_NGRAMS]
-                   + [f"gopher_dup_{n}gram_char_frac" for n in DUP_NGRAMS])
-        return pd.DataFrame(rows, index=batch.index, columns=columns)
+        return pd.DataFrame(rows, index=batch.index, columns=list(self.adds))
 
     @staticmethod
     def _score_one(text: str) -> list[float]:

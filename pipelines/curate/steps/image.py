@@ -73,6 +73,7 @@ class AspectRatio(Step):
     """
 
     name = "aspect_ratio"
+    adds = ("aspect_ratio",)
     columns = ("width", "height")  # original_width/original_height are read too where present
 
     class Params(StepParams):

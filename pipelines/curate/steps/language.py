@@ -24,6 +24,7 @@ class Language(Step):
     LanguageFilter default). Empty documents get language None and score 0."""
 
     name = "language"
+    adds = ("language", "language_score")
 
     class Params(StepParams):
         languages: list[str] | None = threshold(None)

@@ -13,6 +13,7 @@ class Length(Step):
     """Drop documents with too few or too many words or characters (a bound of None is no bound)."""
 
     name = "length"
+    adds = ("length_words", "length_chars")
 
     class Params(StepParams):
         min_words: int | None = threshold(1, ge=0)

@@ -110,6 +110,7 @@ class PiiRedact(Step):
     `pii_ips`, `pii_phones`). Never drops a row."""
 
     name = "pii_redact"
+    adds = ("pii_emails", "pii_ips", "pii_phones")
 
     class Params(StepParams):
         emails: bool = True
