@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines import __version__
-from pipelines.errors import PipelineError
+from pipelines.errors import InfrastructureError, PipelineError
 from pipelines.runtime import filesystem
 
 MANIFEST = "manifest.json"
@@ -161,6 +161,16 @@ def manifest_digest(shards: list[dict[str, Any]]) -> str:
     return hashlib.sha256("\n".join(f"{s['tar']} {s['sha256']} {s['samples']}" for s in shards).encode()).hexdigest()
 
 
+def storage_error(exc: BaseException, what: str) -> PipelineError | InfrastructureError:
+    """`exc`, raised while reading or writing storage, as one of the two kinds of error: the user's mistake
+    when the path itself is wrong (missing, not a folder, not allowed, not JSON), else a failure of the
+    storage or the network under it (a timeout, a reset connection, an S3 error), which a retry may get past."""
+    mistakes = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+                ValueError)
+    kind = PipelineError if isinstance(exc, mistakes) else InfrastructureError
+    return kind(f"{what} ({type(exc).__name__}: {exc})")
+
+
 def read_manifest(url: str) -> dict[str, Any]:
     """The `manifest.json` of the shard folder at `url`; a PipelineError naming `url` if there is none."""
     fs, root = filesystem(url)
@@ -169,8 +179,8 @@ def read_manifest(url: str) -> dict[str, Any]:
             manifest = json.load(f)
     except FileNotFoundError:
         raise PipelineError(f"{url}: no {MANIFEST} (not a shard folder, or the run writing it has not finished)") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{url}: cannot read {MANIFEST} ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 (s3fs lets botocore's connection errors through unwrapped)
+        raise storage_error(exc, f"{url}: cannot read {MANIFEST}") from exc
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list) or "digest" not in manifest:
         raise PipelineError(f"{url}: {MANIFEST} is not a shard manifest (no `shards` list or `digest`)")
     return manifest
@@ -211,8 +221,8 @@ class ShardOutput:
             # Only a file is in the way: on an object store a prefix with nothing under it is no folder yet.
             if self.fs.isfile(self.root):
                 raise NotADirectoryError(url)
-        except OSError as exc:
-            raise PipelineError(f"{url}: cannot use as output folder ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # noqa: BLE001 (s3fs lets botocore's connection errors through unwrapped)
+            raise storage_error(exc, f"{url}: cannot use as output folder") from exc
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"

@@ -123,3 +123,37 @@ def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_storage_that_does_not_answer_is_an_infrastructure_error_a_wrong_path_a_mistake(tmp_path, monkeypatch):
+    """Reading shards: a missing folder or a file that is not JSON is the user's mistake (exit 2, not
+    retried); an object store that does not answer (a closed port on loopback) is a failure of the
+    infrastructure (exit 1, retried by the flows), never reported as the user's mistake."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.errors import InfrastructureError
+    from pipelines.shards import read_manifest
+
+    with pytest.raises(PipelineError, match="no manifest.json"):
+        read_manifest(str(tmp_path / "nowhere"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(PipelineError, match="cannot read manifest.json"):
+        read_manifest(str(tmp_path / "bad"))
+
+    import socket
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(InfrastructureError, match="EndpointConnectionError|ConnectionError|connect"):
+        read_manifest("s3://bucket/shards")
+    run = CliRunner().invoke(app, ["curate", "--input", "s3://bucket/shards", "--output", str(tmp_path / "out"),
+                                   "--config", "configs/curate/text-dedup.yaml"])
+    assert run.exit_code == 1, run.output
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: s3://bucket/shards: cannot read manifest.json"), run.stderr
