@@ -227,7 +227,8 @@ def test_txt_bad_lines_lose_no_good_line(tmp_path: Path, web) -> None:
     result = crawl_text(config)
 
     rows, samples = read_back(tmp_path / "text", result)
-    assert len(rows) == GOOD + len(bad) and all(r["status"] == "success" for r in rows)
+    assert len(rows) == GOOD + len(bad)
+    assert [r for r in rows if r["status"] != "success"] == []
     texts = {s["txt"].decode() for s in samples.values()}
     assert {f"good document {i}" for i in range(GOOD)} <= texts
     assert {"bytes \ufffd\ufffd here", "nul \x00 inside", LONG.strip(), "\ufffd"} <= texts
@@ -240,14 +241,15 @@ def test_txt_bad_lines_lose_no_good_line(tmp_path: Path, web) -> None:
     path.write_bytes(b"\n".join(plant(good, bad)) + b"\n")
     config = ImageCrawlConfig(input=str(path), output=str(tmp_path / "images"), shard_size=20, quiet=True,
                               image={"image_size": 32},
-                              fetch={"allow_private_network": True, "timeout": 2, "retries": 0, "backoff": 0})
+                              # A loaded CI machine can take seconds to answer: the bad URLs fail without a fetch.
+                              fetch={"allow_private_network": True, "timeout": 30, "retries": 0, "backoff": 0})
 
     result = crawl_images(config)
 
     rows, samples = read_back(tmp_path / "images", result)
     assert len(rows) == GOOD + len(bad)
     by_url = {r["url"]: r for r in rows}
-    assert all(by_url[url.decode()]["status"] == "success" for url in good)
+    assert [by_url[url.decode()] for url in good if by_url[url.decode()]["status"] != "success"] == []
     assert len(samples) == GOOD
     assert all(r["error_message"] for r in rows if r["status"] != "success")
     check_rerun(config, crawl_images)
@@ -337,7 +339,7 @@ def test_images_bad_rows_lose_no_good_row(tmp_path: Path, web) -> None:
     out = tmp_path / "out"
     config = ImageCrawlConfig(input=str(path), output=str(out), shard_size=20, quiet=True,
                               image={"image_size": 32},
-                              fetch={"allow_private_network": True, "timeout": 2, "retries": 0, "backoff": 0})
+                              fetch={"allow_private_network": True, "timeout": 30, "retries": 0, "backoff": 0})
 
     result = crawl_images(config)
 
@@ -386,7 +388,7 @@ def test_images_csv_bad_rows_lose_no_good_row(tmp_path: Path, web) -> None:
     out = tmp_path / "out"
     config = ImageCrawlConfig(input=str(path), output=str(out), shard_size=20, quiet=True,
                               image={"image_size": 32},
-                              fetch={"allow_private_network": True, "timeout": 2, "retries": 0, "backoff": 0})
+                              fetch={"allow_private_network": True, "timeout": 30, "retries": 0, "backoff": 0})
 
     result = crawl_images(config)
 

@@ -37,6 +37,24 @@ def _free_port_pair() -> int:
 
 
 PORT = _free_port_pair()
+
+
+def wait_for_port(port: int = PORT, timeout: float = 120.0) -> None:
+    """Wait until `port` can be bound again. The serving modules share PORT (Serve reads it when Ray
+    starts), and a connection the previous module's server closed first holds it in TIME_WAIT for up to
+    a minute; the replica binds without SO_REUSEADDR, so `serve_model` would refuse the port."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(1.0)
 # Serve reads its settings when Ray's processes start: set them before any test of the session starts
 # Ray (collection imports this file first). Ray's worker priority is left alone: other modules share it.
 os.environ.update({k: v for k, v in ray_serve_env(ServeConfig(model="models:/lm@champion", port=PORT)).items()
@@ -99,6 +117,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     from pipelines.serve.app import serve_model
 
     assert register(hf_folders[0], "lm", 10.0) == 1
+    wait_for_port()
     keys = [f"sk-test-{i}" for i in range(40)]
     config = ServeConfig(model="models:/lm@champion",
                          adapter=["models:/lm-lora@champion", "models:/other-lora@champion"],

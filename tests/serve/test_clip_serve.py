@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from pipelines.serve.config import ServeConfig
 from pipelines.train.clip_model import load_clip
-from tests.serve.conftest import PORT
+from tests.serve.conftest import PORT, wait_for_port
 from tests.tiny_clip import draw, jpeg
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,6 +38,7 @@ def url(ray_cluster: None, tracking: MlflowClient, tiny_clip: Path) -> Iterator[
     with training_run("clip-serve-tests", None, {}) as run_id:
         pass
     register_clip(str(tiny_clip), "tiny-clip", run_id=run_id, metric="recall_at_1", value=1.0)
+    wait_for_port()
     url = serve_model(ServeConfig(model="models:/tiny-clip@champion", port=PORT, watch_interval_s=0, blocking=False))
     assert url is not None
     yield url

@@ -24,7 +24,7 @@ import schemathesis
 from mlflow import MlflowClient
 
 from pipelines.serve.config import API_KEYS_ENV, ServeConfig
-from tests.serve.conftest import PORT, Server, register
+from tests.serve.conftest import PORT, Server, register, wait_for_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -46,6 +46,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     config = ServeConfig(model="models:/lm@champion", port=PORT, watch_interval_s=0, default_max_tokens=16,
                          max_tokens_limit=48, access={"api_keys_file": str(key_file)},
                          limits={"max_prompt_chars": MAX_PROMPT_CHARS}, blocking=False)
+    wait_for_port()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(API_KEYS_ENV, ENV_KEY)
         url = serve_model(config)
