@@ -17,8 +17,11 @@ from pipelines.ingest.images import ImageCrawlConfig, crawl_images
 from pipelines.ingest.text import TextCrawlConfig, crawl_text
 from pipelines.serve.app import serve_model
 from pipelines.serve.config import ServeConfig
+from pipelines.train.autoencoder import AutoencoderPretrainConfig, pretrain_autoencoder
 from pipelines.train.clip import ClipPretrainConfig, pretrain_clip
 from pipelines.train.config import PretrainConfig
+from pipelines.train.diffusion import DiffusionPretrainConfig, pretrain_diffusion
+from pipelines.train.encode import EncodeConfig, encode
 from pipelines.train.finetune import FinetuneConfig, finetune
 from pipelines.train.pretrain import pretrain
 
@@ -43,7 +46,10 @@ def exit_nonzero_on_failure(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
 crawl_app.command("images")(config_command(ImageCrawlConfig, exit_nonzero_on_failure(crawl_images)))
 crawl_app.command("text")(config_command(TextCrawlConfig, exit_nonzero_on_failure(crawl_text)))
 app.command("curate")(config_command(CurateConfig, exit_nonzero_on_failure(curate)))
-pretrain_command = config_command(PretrainConfig, pretrain, (ClipPretrainConfig, pretrain_clip))
+app.command("encode")(config_command(EncodeConfig, exit_nonzero_on_failure(encode)))
+pretrain_command = config_command(PretrainConfig, pretrain, (ClipPretrainConfig, pretrain_clip),
+                                  (AutoencoderPretrainConfig, pretrain_autoencoder),
+                                  (DiffusionPretrainConfig, pretrain_diffusion))
 pretrain_command.__doc__ = """Pretrain a model with DeepSpeed on Ray Train, export it and register it in MLflow:
 a causal LM on text shards, or with `kind: clip` (in the config file, or --kind clip) a CLIP-style image-text
 model on caption-image shards. Options marked (lm only) or (clip only) belong to one kind."""

@@ -93,7 +93,8 @@ _failpoint_lock = threading.Lock()
 
 
 def failpoint(name: str) -> None:
-    """Fail the first N times `name` is reached when `PIPELINES_FAILPOINTS` says `name=N` (comma-separated).
+    """Fail the first N times `name` is reached when `PIPELINES_FAILPOINTS` says `name=N` (comma-separated;
+    `name=N:kill` kills the process with SIGKILL instead of raising).
     How the tests plant a transient failure in a real run, to see it retried.
 
     Hits are counted in this process, or across processes (Ray workers, restarted workers, retries) in
@@ -105,7 +106,8 @@ def failpoint(name: str) -> None:
     planted = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
     if name not in planted:
         return
-    limit = int(planted[name])
+    count, _, mode = planted[name].partition(":")
+    limit = int(count)
     state = os.environ.get("PIPELINES_FAILPOINTS_STATE")
     if state:
         os.makedirs(state, exist_ok=True)
@@ -122,6 +124,10 @@ def failpoint(name: str) -> None:
             hits = _failpoint_hits[name] = _failpoint_hits.get(name, 0) + 1
         if hits > limit:
             return
+    if mode == "kill":  # `name=N:kill`: the process dies as under the OOM killer, with no exception to catch
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"failpoint {name}: planted failure {hits} of {limit}")
 
 

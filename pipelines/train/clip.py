@@ -141,7 +141,12 @@ class ImageCaptionStream:
     at least `world_size` tars rank r reads tars r, r+world, ... of each epoch's shuffled tar order, with fewer
     every rank reads every tar and takes every world-th training pair; pairs are shuffled in chunks of
     `shuffle_buffer`, each permuted from (seed, rank, chunk). Augmentation draws from (seed, epoch, key), so a
-    resumed stream gives the same pixels. Held-out keys (`is_heldout`) never enter it."""
+    resumed stream gives the same pixels. Held-out keys (`is_heldout`) never enter it.
+
+    A subclass may read other samples (`read`: a tar's (key, data, caption) triples) and batch them its own
+    way (`_batch`); the split, shuffle and position stay these (the diffusion stream does)."""
+
+    read = staticmethod(read_image_tar)
 
     def __init__(self, shards: ShardSet, tokenizer: Any, *, image_size: int, max_text_len: int, micro_batch: int,
                  rank: int, world_size: int, seed: int, shuffle_buffer: int, heldout_percent: float,
@@ -208,7 +213,7 @@ class ImageCaptionStream:
     def _pairs(self, start: PairCursor) -> Iterator[tuple[PairCursor, str, bytes, str]]:
         """This rank's training pairs from `start` on, each with its cursor, through epoch after epoch."""
         walk = training_samples(
-            self.shards, self.seed, self.rank, self.world_size, self.heldout_percent, read_image_tar,
+            self.shards, self.seed, self.rank, self.world_size, self.heldout_percent, self.read,
             (start.epoch, start.tar, start.sample, start.index),
             f"{self.shards.url}: rank {self.rank} of {self.world_size} found no training image-caption pair in "
             f"{EMPTY_EPOCHS} epochs (no pairs with both an image and a .txt, all held out, or unreadable tars)")

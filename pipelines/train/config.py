@@ -92,8 +92,9 @@ class TrainRunConfig(ConfigModel):
         ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}
 
 
-PRETRAIN_KIND = ("What `pipelines pretrain` trains: lm, a causal language model on text shards, or clip, a CLIP-style "
-                 "image-text model on caption-image shards.")
+PRETRAIN_KIND = ("What `pipelines pretrain` trains: lm, a causal language model on text shards, clip, a CLIP-style "
+                 "image-text model on caption-image shards, or autoencoder, a KL autoencoder (the latent-diffusion "
+                 "first stage) on image shards.")
 
 
 class PretrainConfig(TrainRunConfig):

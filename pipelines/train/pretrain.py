@@ -61,14 +61,17 @@ class Pretraining:
     what: str  # "model", "CLIP": in the start line
     shards_from: str  # what writes the shards it trains on, for the error without them
     loop: Callable[[dict[str, Any]], None]  # the Ray Train worker
-    prepare_tokenizer: Callable[[Any, Any, str, Console], str]  # (config, shards, run_dir, console) -> folder
+    # (config, shards, run_dir, console) -> the folder the workers get as `tokenizer_dir` (None: none)
+    prepare_tokenizer: Callable[[Any, Any, str, Console], str] | None
     export: Callable[[str, str, str, Any], None]  # (checkpoint dir, tokenizer dir, model dir, config)
     final: Callable[[dict[str, Any]], dict[str, float]]  # the held-out figures among the last report's
     metric: str  # the one the registry compares, and its label
     metric_label: str
     register: Callable[..., Any]  # registry.register_model or register_clip
     no_metric: str  # why there is no metric to register on
-    shards_kind: str | None = None  # the manifest kind it needs (None: any)
+    shards_kind: str | tuple[str, ...] | None = None  # the manifest kind(s) it trains on (None: any)
+    check: Callable[[Any, Any], None] | None = None  # (config, shards): raise PipelineError before training
+    lower_is_better: bool | None = None  # of `metric`, when `register` takes it (None: register's default)
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
@@ -100,15 +103,19 @@ def drive(config: Any, kind: Pretraining) -> PretrainResult:
         raise PipelineError(f"no training shards: give --shards (a folder or URL written by {kind.shards_from})")
     config.data.shards = absolute(config.data.shards)  # the workers run in other folders, maybe machines
     shards = open_shards(config.data.shards)
-    if kind.shards_kind and shards.manifest.get("kind") not in (None, kind.shards_kind):
+    wanted = (kind.shards_kind,) if isinstance(kind.shards_kind, str) else kind.shards_kind
+    if wanted and shards.manifest.get("kind") not in (None, *wanted):
         raise PipelineError(f"{config.data.shards}: {shards.manifest.get('kind')} shards; {kind.stage} trains on "
-                            f"{kind.shards_kind} shards")
+                            f"{' or '.join(wanted)} shards")
+    if kind.check is not None:
+        kind.check(config, shards)  # the kind's own checks of config and shards, before any worker starts
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     init_ray()
     use_gpu, cpus = resources(config)
 
+    prepare = kind.prepare_tokenizer
     tokenizer_dir = run_tokenizer(saved, shards, run_name,
-                                  lambda: kind.prepare_tokenizer(config, shards, run_dir, console))
+                                  lambda: prepare(config, shards, run_dir, console) if prepare else "")
 
     registry.configure_tracking()
     params = config.model_dump(mode="json")
@@ -140,9 +147,10 @@ def drive(config: Any, kind: Pretraining) -> PretrainResult:
                 raise PipelineError(f"{kind.no_metric}: raise --heldout-percent or --eval-batches, or pass "
                                     "--no-register-model")
             with local_copy(model_dir) as local_model:
+                order = {} if kind.lower_is_better is None else {"lower_is_better": kind.lower_is_better}
                 registered = kind.register(local_model, config.registry.model_name, run_id=mlflow_run_id,
                                            metric=kind.metric, value=final[kind.metric],
-                                           lineage=lineage(config.data.shards, shards.manifest, run_dir))
+                                           lineage=lineage(config.data.shards, shards.manifest, run_dir), **order)
         console.print(f"done: {step} steps, {kind.metric_label} {final.get(kind.metric, float('nan')):.3f}; "
                       f"model {model_dir}" + (f"; registered {registered.uri}"
                                               f"{' (champion)' if registered.champion else ''}" if registered else ""))
@@ -482,9 +490,11 @@ def train_loop(args: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine: Any, stream: Any, rank: int, step: int, metrics: dict[str, Any],
-                    state: dict[str, Any] | None = None, exclude_frozen: bool = False) -> None:
+                    state: dict[str, Any] | None = None, exclude_frozen: bool = False,
+                    extra: Callable[[str], None] | None = None) -> None:
     """A checkpoint: DeepSpeed's files from every rank (without frozen weights if asked), each rank's
-    data position, rank 0's `state.json`; reported with `metrics`. Ray Train merges the ranks' folders."""
+    data position, rank 0's `state.json` (and what `extra(folder)` writes there, e.g. EMA weights);
+    reported with `metrics`. Ray Train merges the ranks' folders."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -494,6 +504,8 @@ def save_checkpoint(engine: Any, stream: Any, rank: int, step: int, metrics: dic
         Path(d, f"data-rank{rank}.json").write_text(json.dumps(stream.state_dict()))
         if rank == 0:
             Path(d, "state.json").write_text(json.dumps({"step": step, **(state or {})}))
+            if extra is not None:
+                extra(d)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:07d}")
 
 

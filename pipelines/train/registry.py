@@ -329,32 +329,59 @@ def load_adapter(uri: str, dst: str | None = None) -> tuple[str, str]:
     return folder, base
 
 
-def register_clip(model_dir: str, name: str, *, run_id: str, metric: str, value: float,
-                  lower_is_better: bool = False, lineage: Mapping[str, Any] | None = None) -> Registered:
-    """Register a CLIP folder (`ClipBundle.save`: model, tokenizer, image processor) as a new version of
-    `name`, tagged `pipelines.kind=clip`; aliases as in `register_model` (by default a higher `metric`,
-    e.g. held-out recall@1, is better). `clip_folder` gets it back."""
+# Model kinds registered as plain folders (not MLflow transformers models): for each, the files that make a
+# folder of that kind, and where it goes in its run's artifacts. `pipelines.kind` tags the version.
+FOLDER_KINDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "clip": (("config.json", "preprocessor_config.json"), CLIP_PATH),
+    # diffusers' AutoencoderKL.save_pretrained
+    "autoencoder": (("config.json", "diffusion_pytorch_model.safetensors"), "autoencoder"),
+    # a diffusers pipeline folder: DiffusionPipeline.from_pretrained loads it
+    "diffusion": (("model_index.json",), "diffusion"),
+}
+KIND_LABELS = {"clip": "a CLIP model", "autoencoder": "an autoencoder", "diffusion": "a diffusion model"}
+
+
+def register_folder(kind: str, model_dir: str, name: str, *, run_id: str, metric: str, value: float,
+                    lower_is_better: bool, lineage: Mapping[str, Any] | None = None,
+                    extra_tags: Mapping[str, Any] | None = None) -> Registered:
+    """Register the `kind` folder `model_dir` (see FOLDER_KINDS) as a new version of `name`, tagged
+    `pipelines.kind=KIND`; aliases as in `register_model`. `registered_folder` gets it back."""
     configure_tracking()
     client = MlflowClient()
     folder = Path(model_dir).absolute()
-    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
-        raise PipelineError(f"{model_dir}: not a CLIP model folder (config.json and preprocessor_config.json)")
-    source = _log_folder(client, run_id, folder, CLIP_PATH, name)
+    files, path = FOLDER_KINDS[kind]
+    if not all((folder / f).is_file() for f in files):
+        raise PipelineError(f"{model_dir}: not {KIND_LABELS[kind]} folder (needs {', '.join(files)})")
+    source = _log_folder(client, run_id, folder, path, name)
     return _register_version(client, source, name, metric, float(value), lower_is_better, lineage,
-                             {"pipelines.kind": "clip"}, run_id=run_id)
+                             {"pipelines.kind": kind, **(extra_tags or {})}, run_id=run_id)
 
 
-def clip_folder(uri: str, dst: str | None = None) -> str:
-    """The local folder of the CLIP model `models:/NAME@ALIAS` (or `/VERSION`)."""
+def registered_folder(kind: str, uri: str, dst: str | None = None) -> str:
+    """The local folder of the `kind` model `models:/NAME@ALIAS` (or `/VERSION`)."""
     configure_tracking()
     name, version = resolve_version(uri)
     mv = MlflowClient().get_model_version(name, str(version))
-    if mv.tags.get("pipelines.kind") != "clip":
-        raise PipelineError(f"{uri}: version {version} of {name} is not a CLIP model")
+    if mv.tags.get("pipelines.kind") != kind:
+        found = KIND_LABELS.get(mv.tags.get("pipelines.kind", ""), "a language model")
+        raise PipelineError(f"{uri}: version {version} of {name} is {found}, not {KIND_LABELS[kind]}")
     try:
         return mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=dst)
     except MlflowException as e:
         raise PipelineError(f"{uri}: cannot download version {version} of {name} ({_first_line(e)})") from None
+
+
+def register_clip(model_dir: str, name: str, *, run_id: str, metric: str, value: float,
+                  lower_is_better: bool = False, lineage: Mapping[str, Any] | None = None) -> Registered:
+    """Register a CLIP folder (`ClipBundle.save`: model, tokenizer, image processor); by default a higher
+    `metric`, e.g. held-out recall@1, is better. `clip_folder` gets it back."""
+    return register_folder("clip", model_dir, name, run_id=run_id, metric=metric, value=value,
+                           lower_is_better=lower_is_better, lineage=lineage)
+
+
+def clip_folder(uri: str, dst: str | None = None) -> str:
+    """The local folder of the CLIP model `models:/NAME@ALIAS` (or `/VERSION`)."""
+    return registered_folder("clip", uri, dst)
 
 
 def _register_version(client: MlflowClient, source: str, name: str, metric: str, value: float,
