@@ -206,10 +206,19 @@ def heldout_images(shards: ShardSet, heldout_percent: float, limit: int) -> list
 
 def image_pixels(data: bytes, size: int, flip: bool = False) -> np.ndarray:
     """An encoded image as a `[3, size, size]` float32 array in [-1, 1]: shorter side resized to `size`
-    (bicubic), centre crop, mirrored left-right if `flip`."""
+    (bicubic), centre crop, mirrored left-right if `flip`. The one view of an image every image-generation
+    stage takes (autoencoder training, `pipelines encode`, diffusion on image shards), so latents computed on
+    the fly and precomputed ones never drift apart."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return square_pixels(Image.open(io.BytesIO(data)), size, flip)
+
+
+def square_pixels(image: Any, size: int, flip: bool = False) -> np.ndarray:
+    """`image_pixels` of an opened PIL image."""
+    from PIL import Image
+
+    image = image.convert("RGB")
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
                          Image.BICUBIC)

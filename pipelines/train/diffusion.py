@@ -40,6 +40,7 @@ from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import failpoint, filesystem
 from pipelines.shards import TAR_ERRORS, read_tar
+from pipelines.train.autoencoder import image_pixels
 from pipelines.train.clip import ImageCaptionStream, heldout_pairs, read_image_tar
 from pipelines.train.config import PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TrainRunConfig
 from pipelines.train.data import ShardSet, is_heldout, open_shards
@@ -242,20 +243,6 @@ def _key_seed(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
-def pixels_of(data: bytes, size: int) -> np.ndarray:
-    """An encoded image as a `[3, size, size]` float32 array in [-1, 1] (shorter side to `size`, centre crop),
-    as an autoencoder takes it."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    scale = size / min(image.size)
-    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                         Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return (np.asarray(image, np.float32) / 127.5 - 1).transpose(2, 0, 1)
-
-
 class DiffusionStream(ImageCaptionStream):
     """Micro-batches `(x [B, ...], captions)` of one rank: latents from latent shards, or pixels in [-1, 1]
     from image shards (`image_size` set). Split, shuffle and resumable position are the CLIP stream's; each
@@ -276,7 +263,7 @@ class DiffusionStream(ImageCaptionStream):
         arrays, captions = [], []
         for cursor, key, data, caption in rows:
             arrays.append(np.load(io.BytesIO(data)).astype(np.float32) if self.latents
-                          else pixels_of(data, self.image_size))
+                          else image_pixels(data, self.image_size))
             drop = np.random.default_rng([self.seed, cursor.epoch, _key_seed(key), 1]).random() < self.caption_dropout
             captions.append("" if drop else caption)
         return torch.from_numpy(np.stack(arrays)), captions

@@ -450,19 +450,14 @@ def _encode_batch(job: ShardJob, batch: dict[str, dict[str, bytes]], source: str
 
 
 def image_pixels(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """An encoded image as the autoencoder takes it, a `[3, size, size]` float32 array in [-1, 1] (shorter side
-    resized to `size`, bicubic, centre crop), and the image's own (width, height)."""
+    """An encoded image as the autoencoder takes it (`autoencoder.image_pixels`), and its own (width, height)."""
     from PIL import Image
+
+    from pipelines.train.autoencoder import square_pixels
 
     image = Image.open(io.BytesIO(data))
     image.load()
-    width, height = image.size
-    image = image.convert("RGB")
-    scale = size / min(width, height)
-    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (image.width - size) // 2, (image.height - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return (np.asarray(image, np.float32) / 127.5 - 1).transpose(2, 0, 1), (width, height)
+    return square_pixels(image, size), image.size
 
 
 def _text_states(clip: Any, captions: list[str], device: Any) -> tuple[np.ndarray, np.ndarray]:
