@@ -235,8 +235,20 @@ def read_latent_tar(url: str) -> list[tuple[str, bytes, str]]:
     except TAR_ERRORS as exc:
         log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
         return []
-    return [(key, s["latent.npy"], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
-            if "latent.npy" in s and "txt" in s]
+    rows = [(key, s["latent.npy"], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
+            if "latent.npy" in s and "txt" in s and _is_latent(s["latent.npy"])]
+    if len(rows) < sum("latent.npy" in s and "txt" in s for s in samples.values()):
+        log.warning("%s: latents that are not [C, H, W] finite float arrays skipped", url)
+    return rows
+
+
+def _is_latent(data: bytes) -> bool:
+    """A .npy holding a finite [C, H, W] float array (no pickles: np.load refuses them by default)."""
+    try:
+        array = np.load(io.BytesIO(data))
+    except (ValueError, OSError, EOFError):
+        return False
+    return array.ndim == 3 and array.dtype.kind == "f" and bool(np.isfinite(array).all())
 
 
 def _key_seed(key: str) -> int:

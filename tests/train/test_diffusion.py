@@ -175,3 +175,30 @@ def test_shipped_config_loads() -> None:
 
     config = load_config(DiffusionPretrainConfig, Path(__file__).parents[2] / "configs/pretrain/diffusion-tiny.yaml")
     assert config.kind == "diffusion" and config.model.preset == "tiny" and config.engine.max_steps == 500
+
+
+def test_unreadable_latents_are_skipped_alone(tmp_path: Path) -> None:
+    """A latent that is not a finite [C, H, W] float array (garbage, a pickle, NaN, wrong rank) drops that sample,
+    not the tar."""
+    import pickle
+
+    from pipelines.shards import ShardOutput, write_shard
+    from pipelines.train.diffusion import read_latent_tar
+
+    def npy(array: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        np.save(out, array, allow_pickle=True)
+        return out.getvalue()
+
+    good = np.zeros((4, 8, 8), np.float16)
+    bad = [b"not numpy", npy(np.array([{"a": 1}], dtype=object)), npy(np.full((4, 8, 8), np.nan, np.float16)),
+           npy(np.zeros((8, 8), np.float32)), npy(np.zeros((4, 8, 8), np.int64)), pickle.dumps(good), b""]
+    files = [(f"good{i}", {"latent.npy": npy(good), "txt": b"a red circle"}) for i in range(3)]
+    files += [(f"bad{i}", {"latent.npy": data, "txt": b"a red circle"}) for i, data in enumerate(bad)]
+    import pyarrow as pa
+
+    write_shard(ShardOutput(str(tmp_path)), 0, files, pa.table({"key": [k for k, _ in files]}),
+                {"shard": 0, "samples": len(files), "count": len(files)})
+
+    rows = read_latent_tar(str(tmp_path / "00000.tar"))
+    assert [key for key, *_ in rows] == ["good0", "good1", "good2"]
