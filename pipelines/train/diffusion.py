@@ -23,6 +23,7 @@ tokenizer, scheduler, model_index.json) that `DiffusionPipeline.from_pretrained`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -227,28 +228,33 @@ class Ema:
 
 # -- data -----------------------------------------------------------------------------------------
 
-def read_latent_tar(url: str) -> list[tuple[str, bytes, str]]:
+def read_latent_tar(url: str, shape: tuple[int, ...] | None = None) -> list[tuple[str, bytes, str]]:
     """(key, latent .npy bytes, caption) of every sample of a latent shard tar, in tar order; a tar that cannot
-    be read counts as empty, with a warning."""
+    be read counts as empty, with a warning. A latent that is not a finite [C, H, W] float array, or (given
+    `shape`) not of that shape, is skipped with a warning: one bad sample or tar does not stop a run."""
     try:
         samples = read_tar(url, ("latent.npy", "txt"))
     except TAR_ERRORS as exc:
         log.warning("%s: cannot read, skipped (%s: %s)", url, type(exc).__name__, exc)
         return []
     rows = [(key, s["latent.npy"], s["txt"].decode("utf-8", "replace")) for key, s in samples.items()
-            if "latent.npy" in s and "txt" in s and _is_latent(s["latent.npy"])]
-    if len(rows) < sum("latent.npy" in s and "txt" in s for s in samples.values()):
-        log.warning("%s: latents that are not [C, H, W] finite float arrays skipped", url)
+            if "latent.npy" in s and "txt" in s and _is_latent(s["latent.npy"], shape)]
+    skipped = sum("latent.npy" in s and "txt" in s for s in samples.values()) - len(rows)
+    if skipped:
+        wanted = f"of shape {list(shape)}" if shape else "[C, H, W]"
+        log.warning("%s: %d latents that are not finite float arrays %s skipped", url, skipped, wanted)
     return rows
 
 
-def _is_latent(data: bytes) -> bool:
-    """A .npy holding a finite [C, H, W] float array (no pickles: np.load refuses them by default)."""
+def _is_latent(data: bytes, shape: tuple[int, ...] | None = None) -> bool:
+    """A .npy holding a finite [C, H, W] float array, of `shape` if given (no pickles: np.load refuses them by
+    default)."""
     try:
         array = np.load(io.BytesIO(data))
     except (ValueError, OSError, EOFError):
         return False
-    return array.ndim == 3 and array.dtype.kind == "f" and bool(np.isfinite(array).all())
+    return (array.ndim == 3 and (shape is None or array.shape == tuple(shape)) and array.dtype.kind == "f"
+            and bool(np.isfinite(array).all()))
 
 
 def _key_seed(key: str) -> int:
@@ -261,10 +267,11 @@ class DiffusionStream(ImageCaptionStream):
     caption is dropped (made empty) with probability `caption_dropout`, drawn from (seed, epoch, key), so a
     resumed stream drops the same ones."""
 
-    def __init__(self, shards: ShardSet, *, latents: bool, image_size: int, caption_dropout: float, **kwargs: Any):
+    def __init__(self, shards: ShardSet, *, latents: bool, image_size: int, caption_dropout: float,
+                 latent_shape: tuple[int, int, int] | None = None, **kwargs: Any):
         super().__init__(shards, None, image_size=image_size, max_text_len=0, augment=False, **kwargs)
         self.latents, self.caption_dropout = latents, caption_dropout
-        self.read = read_latent_tar if latents else read_image_tar
+        self.read = functools.partial(read_latent_tar, shape=latent_shape) if latents else read_image_tar
 
     def _settings(self) -> dict[str, Any]:
         return {**super()._settings(), "latents": self.latents, "caption_dropout": self.caption_dropout}
@@ -452,7 +459,7 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
     noise = noise_schedule(obj)
 
     stream = DiffusionStream(shards, latents=latents_given, image_size=vae.config.sample_size,
-                             caption_dropout=obj.caption_dropout, micro_batch=e.micro_batch, rank=rank,
+                             latent_shape=(channels, size, size), caption_dropout=obj.caption_dropout, micro_batch=e.micro_batch, rank=rank,
                              world_size=world, seed=e.seed, shuffle_buffer=d.shuffle_buffer,
                              heldout_percent=d.heldout_percent)
     step = 0
@@ -591,9 +598,10 @@ def heldout_images(shards: ShardSet, heldout_percent: float, limit: int, vae: An
         return [Image.open(io.BytesIO(data)).convert("RGB") for _, data, _ in pairs], [c for *_, c in pairs]
     import torch
 
+    channels, side = latent_dims(shards)
     latents, captions = [], []
     for url in shards.tars:
-        for key, data, caption in read_latent_tar(url):
+        for key, data, caption in read_latent_tar(url, (channels, side, side)):
             if is_heldout(key, heldout_percent):
                 latents.append(np.load(io.BytesIO(data)).astype(np.float32))
                 captions.append(caption)

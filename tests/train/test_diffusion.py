@@ -130,6 +130,85 @@ def test_trained_model_draws_the_captions_colour(tmp_path: Path, image_shards: s
     assert np.mean(untrained) < 0.5, untrained
 
 
+def short_config(tmp_path: Path, shards: str, text_encoder: str, name: str, **engine: Any) -> DiffusionPretrainConfig:
+    """Two workers under ZeRO-2, a few steps, a tiny final evaluation."""
+    config = tiny_config(tmp_path, shards, text_encoder, **{"workers": 2, "zero_stage": 2, "micro_batch": 8,
+                                                            "checkpoint_every": 4, **engine})
+    config.sampling.eval_samples, config.sampling.sample_steps = 4, 2
+    config.objective.ema_decay = 0.5  # a short run's EMA still differs clearly from the weights
+    config.registry.register_model = False
+    return config.model_copy(update={"run_name": name})
+
+
+def checkpoint_file(runs: Path, step: int, name: str) -> Path:
+    found = [p for p in runs.rglob(name) if f"step-{step:07d}" in str(p)]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_stop_and_resume_equals_a_straight_run_with_two_workers_and_zero2(
+        tmp_path: Path, image_shards: str, registered: dict[str, str], tracking: MlflowClient) -> None:
+    from safetensors.torch import load_file
+
+    latents = encode(image_shards, str(tmp_path / "latents"), registered["autoencoder"])
+    straight = pretrain_diffusion(short_config(tmp_path / "a", latents, registered["clip"], "straight", max_steps=10))
+    stopped = pretrain_diffusion(short_config(tmp_path / "b", latents, registered["clip"], "cut", max_steps=10,
+                                              stop_after=5))
+    assert stopped.stopped and stopped.steps == 5
+    resumed = pretrain_diffusion(short_config(tmp_path / "b", latents, registered["clip"], "cut", max_steps=10)
+                                 .model_copy(update={"resume": "cut"}))
+
+    assert resumed.steps == 10 and resumed.mlflow_run_id == stopped.mlflow_run_id
+    a = {m.step: m.value for m in tracking.get_metric_history(straight.mlflow_run_id, "loss")}
+    b = {m.step: m.value for m in tracking.get_metric_history(resumed.mlflow_run_id, "loss")}
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    assert all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    assert [m.value for m in tracking.get_metric_history(resumed.mlflow_run_id, "restored_from_step")] == [5]
+    # The EMA was saved with the step-5 checkpoint, restored, and went on as if never stopped.
+    ema_a = load_file(checkpoint_file(tmp_path / "a" / "runs", 10, "ema.safetensors"))
+    ema_b = load_file(checkpoint_file(tmp_path / "b" / "runs", 10, "ema.safetensors"))
+    assert ema_a.keys() == ema_b.keys()
+    assert max(float((ema_a[k] - ema_b[k]).abs().max()) for k in ema_a) <= 1e-5
+    assert straight.metrics["heldout_fd_clip"] == pytest.approx(resumed.metrics["heldout_fd_clip"], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_killed_worker_restarts_from_its_checkpoint(tmp_path: Path, image_shards: str, registered: dict[str, str],
+                                                   tracking: MlflowClient) -> None:
+    import os
+    import signal
+    import threading
+
+    from tests.train.test_pretrain import train_worker_pids
+
+    latents = encode(image_shards, str(tmp_path / "latents"), registered["autoencoder"])
+    config = short_config(tmp_path, latents, registered["clip"], "killed", max_steps=60, checkpoint_every=5,
+                          max_failures=1)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(pretrain_diffusion(config)))
+    started = time.time() - 1
+    thread.start()
+    deadline = time.monotonic() + 300
+    # Kill a worker once Ray Train has committed the step-5 checkpoint (both ranks reported it).
+    while time.monotonic() < deadline and thread.is_alive() and not any(
+            "step-0000005" in p.read_text() for p in (tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json")):
+        time.sleep(0.05)
+    pids = train_worker_pids(started)
+    assert len(pids) == 2 and thread.is_alive(), "training finished before the kill"
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=600)
+
+    assert results and results[0].steps == 60 and not results[0].stopped
+    run = tracking.get_run(results[0].mlflow_run_id)
+    restored = [m.value for m in tracking.get_metric_history(run.info.run_id, "restored_from_step")]
+    assert len(restored) == 1 and restored[0] >= 5 and restored[0] % 5 == 0  # once, from a checkpoint
+    losses = {m.step for m in tracking.get_metric_history(run.info.run_id, "loss")}
+    assert losses == set(range(1, 61)) and run.info.status == "FINISHED"
+
+
 def test_ema_follows_its_formula() -> None:
     import torch
 
@@ -202,3 +281,10 @@ def test_unreadable_latents_are_skipped_alone(tmp_path: Path) -> None:
 
     rows = read_latent_tar(str(tmp_path / "00000.tar"))
     assert [key for key, *_ in rows] == ["good0", "good1", "good2"]
+    # Latents of another shape than the run's (a tar encoded at another size) are skipped too.
+    write_shard(ShardOutput(str(tmp_path)), 1, [("small", {"latent.npy": npy(good), "txt": b"a red circle"}),
+                                                ("large", {"latent.npy": npy(np.zeros((4, 16, 16), np.float16)),
+                                                           "txt": b"a red circle"})],
+                pa.table({"key": ["small", "large"]}), {"shard": 1, "samples": 2, "count": 2})
+    assert [key for key, *_ in read_latent_tar(str(tmp_path / "00001.tar"), (4, 8, 8))] == ["small"]
+    assert [key for key, *_ in read_latent_tar(str(tmp_path / "00001.tar"))] == ["small", "large"]
