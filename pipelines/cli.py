@@ -131,6 +131,33 @@ def ui(
 
 
 @app.command()
+def lineage(
+    target: str = typer.Argument(..., help="A registered model, models:/NAME@ALIAS or models:/NAME/VERSION, or "
+                                 "the base URL of a running endpoint (http://HOST:PORT)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="With an endpoint URL: the model as clients "
+                                        "name it, NAME or NAME:ADAPTER (default: its base model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the chain as JSON instead of lines."),
+) -> None:
+    """Print where a model came from, one line per hop: the version and its aliases, its training run and
+    held-out figures, the models it was built on (LoRA base, CLIP text tower, autoencoder), every shard set
+    it was trained on with its digest checked against the manifest on storage now, the curation steps, and
+    the crawl's input list with its sha256."""
+    import json
+
+    from pipelines.lineage import endpoint_lineage, model_lineage, render
+
+    with one_line_errors():
+        if target.startswith(("http://", "https://")):
+            chain = endpoint_lineage(target, model)
+        else:
+            chain = model_lineage(target)
+    if as_json:
+        print(json.dumps(chain, indent=2))
+    else:
+        print("\n".join(render(chain)))
+
+
+@app.command()
 def version() -> None:
     """Print the package version."""
     print(__version__)

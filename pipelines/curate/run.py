@@ -45,8 +45,8 @@ from pipelines.curate.registry import build_step
 from pipelines.curate.step import DedupStep, Duplicates, SignatureRef, Step, code_digest, scoring
 from pipelines.errors import PipelineError
 from pipelines.runtime import cluster_cpus, filesystem, init_ray
-from pipelines.shards import (MANIFEST, TAR_ERRORS, ShardOutput, ShardWriter, image_of, owned, read_manifest,
-                              shard_files, tar_samples, url_of, write_file, write_manifest)
+from pipelines.shards import (MANIFEST, TAR_ERRORS, ShardOutput, ShardWriter, absolute, image_of, owned,
+                              read_manifest, shard_files, tar_samples, url_of, write_file, write_manifest)
 
 REMOVED = "removed.parquet"
 STATS = "stats.json"
@@ -240,7 +240,7 @@ def _curate(config: CurateConfig, out: ShardOutput, manifest: dict[str, Any], la
         out, kind, config.model_dump(mode="json"), config.digest(), list(final_stats.values()),
         {"elapsed_s": stats["elapsed_s"], "samples_in": stats["input"]["samples"],
          "samples_out": stats["output"]["samples"], "corrupt_shards": len(corrupt), "failed_shards": len(failed)},
-        extra={"run_digest": run_digest, "input": {"path": config.input, "digest": manifest["digest"],
+        extra={"run_digest": run_digest, "input": {"path": absolute(config.input), "digest": manifest["digest"],
                                                    "kind": kind}})
     result = CurateResult(new_manifest, stats, failed_shards=failed, skipped_shards=corrupt,
                           allow_skipped_shards=config.allow_skipped_shards)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from rich.table import Table
 
 from pipelines.errors import PipelineError
 from pipelines.ingest.reader import InputReader, Row
-from pipelines.runtime import cluster_cpus, init_ray
-from pipelines.shards import MANIFEST, ShardOutput, owned, shard_files, url_of, write_manifest
+from pipelines.runtime import cluster_cpus, filesystem, init_ray
+from pipelines.shards import MANIFEST, ShardOutput, absolute, owned, shard_files, url_of, write_manifest
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -101,6 +104,26 @@ def input_shards(reader: InputReader, shard_size: int) -> Iterator[tuple[int, li
         following = next(shards, None)
         yield sid, rows, rows_digest(rows, last=following is None)
         sid, rows = sid + 1, following
+
+
+def input_lineage(reader: InputReader) -> dict[str, Any]:
+    """What the manifest records of the input list, for `pipelines lineage`: its URL, each file's sha256 (what
+    `sha256sum` prints) and one digest of them all. Read again at the end, so it names the bytes the crawl read
+    unless the list changed during the crawl."""
+    files = []
+    for path in reader.files:
+        h = hashlib.sha256()
+        try:
+            fs, inner = filesystem(path)
+            with fs.open(inner, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except Exception as exc:  # noqa: BLE001 - gone or unreadable since: the crawl's output still stands
+            log.warning("%s: cannot read the input again to record its digest (%s)", path, exc)
+            return {"path": absolute(reader.url), "digest": None, "files": []}
+        files.append({"path": absolute(path), "sha256": h.hexdigest()})
+    whole = hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
+    return {"path": absolute(reader.url), "digest": files[0]["sha256"] if len(files) == 1 else whole, "files": files}
 
 
 def check_resumable(output: str, reader: InputReader, shard_size: int, config_digest: str,
@@ -223,7 +246,8 @@ def _run_sharded(out: ShardOutput, *, kind: str, reader: InputReader, output: st
         "rows_per_s": round(crawled_rows / elapsed, 1) if elapsed else 0.0,
         "samples_per_s": round(sum(s["samples"] for s in crawled) / elapsed, 1) if elapsed else 0.0,
     }
-    manifest = write_manifest(out, kind, config.model_dump(mode="json"), digest, shard_stats, run_stats)
+    manifest = write_manifest(out, kind, config.model_dump(mode="json"), digest, shard_stats, run_stats,
+                              extra={"input": input_lineage(reader)})
     result = CrawlResult(manifest, failed, written=len(crawled), skipped=skipped)
     if not quiet:
         print_summary(console, kind, url_of(out.fs, out.path(MANIFEST)), result)

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
+from pipelines.shards import MANIFEST, ShardOutput, absolute
 from pipelines.train.data import Cursor, ShardSet, TokenStream, iter_texts, open_shards, read_texts
 from pipelines.train.tokenizer import CHAT_TEMPLATE, load_tokenizer
 
@@ -163,5 +164,8 @@ def prepare_examples(data: str, storage: str, quiet: bool = True) -> ShardSet:
     staged_fs, staged_path = filesystem(staged)
     staged_fs.makedirs(staged_path.rsplit("/", 1)[0], exist_ok=True)
     staged_fs.pipe_file(staged_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
-    crawl_text(TextCrawlConfig(input=staged, output=out, shard_size=1000, quiet=quiet))
+    result = crawl_text(TextCrawlConfig(input=staged, output=out, shard_size=1000, quiet=quiet))
+    # The crawl's input is the staged file; `pipelines lineage` names the file the user gave too.
+    manifest = {**result.manifest, "converted_from": {"path": absolute(data), "sha256": digest}}
+    ShardOutput(out).write_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
     return open_shards(out)
