@@ -22,14 +22,6 @@ from pipelines.lineage import model_lineage, render
 from pipelines.shards import ShardOutput, write_manifest, write_shard
 
 
-@pytest.fixture
-def tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
-
-
 def shard_set(url: str, kind: str, config: dict[str, Any], extra: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     out = ShardOutput(url)
     stats = write_shard(out, 0, [(k, {"txt": k.encode()}) for k in keys], pa.table({"key": keys}),
