@@ -1,9 +1,10 @@
 """The Ray Serve application: one deployment whose replicas hold the model and answer HTTP.
 
-- `OpenAIServer` is the deployment: each replica loads the registered model (a causal LM, or a CLIP
-  model when the version is tagged `pipelines.kind=clip`: embeddings and similarity only), builds the FastAPI app
-  of `openai_api` over itself (`serve.ingress` with `__serve_build_asgi_app__`), batches generation
-  and embedding calls (`serve.batch`), loads adapters on demand into a per-replica LRU
+- `OpenAIServer` is the deployment: each replica loads the registered model (a causal LM, a CLIP
+  model when the version is tagged `pipelines.kind=clip`: embeddings and similarity only, or a diffusion
+  model when tagged `pipelines.kind=diffusion`: images only), builds the FastAPI app of `openai_api` over
+  itself (`serve.ingress` with `__serve_build_asgi_app__`), batches generation, embedding and drawing
+  calls (`serve.batch`), loads adapters on demand into a per-replica LRU
   (`serve.multiplexed`) and watches the registry: when the alias moves it loads the new version
   beside the old one and switches over; requests in flight finish on the version they started on.
 - `build_app(args)` is the application builder that `serve run` / `serve deploy` / a RayService
@@ -48,6 +49,7 @@ from ray.serve import Application
 from pipelines.errors import PipelineError
 from pipelines.serve.config import API_KEYS_ENV, ServeConfig
 from pipelines.serve.engine import AdapterError, ClipEngine, Generation, TextEngine
+from pipelines.serve.images import ImageEngine, Picture
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class OpenAIServer:
         self._resolve_adapters()
         self._generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
-        for batched in (self._embed_batch, self._clip_batch):
+        for batched in (self._embed_batch, self._clip_batch, self._draw_batch):
             batched.set_max_batch_size(self.config.batching.max_batch_size)
             batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
 
@@ -123,7 +125,7 @@ class OpenAIServer:
     def model_ids(self) -> list[str]:
         return [self.base_name] + [f"{self.base_name}:{a}" for a in sorted(self.adapter_versions)]
 
-    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine, str | None]:
+    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine | ImageEngine, str | None]:
         """The engine for `model` (NAME or NAME:ADAPTER) and the adapter's loaded name."""
         engine = self.engine
         base, sep, adapter = model.partition(":")
@@ -158,6 +160,14 @@ class OpenAIServer:
         if isinstance(out, Exception):
             raise _request_error(out)
         return out
+
+    async def draw(self, engine: ImageEngine, pictures: Sequence[Picture]) -> None:
+        """Draw the pictures of one request in the replica's batches; raise the first picture's failure.
+        Cancelled (the client went away), the pictures not started yet leave their batches."""
+        await asyncio.gather(*(self._draw_batch((engine, picture)) for picture in pictures))
+        for picture in pictures:
+            if picture.error is not None:
+                raise _request_error(picture.error)
 
     async def reload(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.refresh)
@@ -199,14 +209,29 @@ class OpenAIServer:
             out.extend(await _each_alone(partial(_clip_call, engine), [(texts, images) for _, texts, images in group]))
         return out
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _draw_batch(self, items: list[tuple[ImageEngine, Picture]]) -> list[None]:
+        """Concurrent requests' pictures as shared denoising loops (`ImageEngine.draw` groups them)."""
+        for engine, group in itertools.groupby(items, key=lambda item: item[0]):
+            await asyncio.to_thread(engine.draw, [picture for _, picture in group])
+        return [None] * len(items)
+
     # -- the registry --------------------------------------------------------------------------
-    def _load(self, version: int) -> TextEngine | ClipEngine:
+    def _load(self, version: int) -> TextEngine | ClipEngine | ImageEngine:
         from mlflow import MlflowClient
 
         from pipelines.train.registry import load_registered
 
         started = time.monotonic()
-        if MlflowClient().get_model_version(self.base_name, str(version)).tags.get("pipelines.kind") == "clip":
+        kind = MlflowClient().get_model_version(self.base_name, str(version)).tags.get("pipelines.kind")
+        if kind == "diffusion":
+            from pipelines.train.diffusion import load_diffusion
+
+            images = ImageEngine(load_diffusion(f"models:/{self.base_name}/{version}"), self.base_name, version)
+            images.draw([Picture("warm up", images.width, images.height, steps=1, guidance=1.0, seed=0)])
+            log.info("loaded %s (diffusion) in %.1f s", images.label, time.monotonic() - started)
+            return images
+        if kind == "clip":
             from PIL import Image
 
             from pipelines.train.clip_model import load_clip

@@ -9,6 +9,8 @@ the benchmark also mounts it on plain uvicorn). Routes:
 - `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64); a CLIP
                                model also embeds images: `input: [{"image": BASE64 or data: URL}, "text", ...]`
 - `POST /v1/similarity`        CLIP models: `{images: [...], texts: [...]}` -> the image x text cosine matrix
+- `POST /v1/images/generations` diffusion models: OpenAI's Images API, PNGs as `b64_json`, at the model's native
+                               size; extra fields `seed`, `num_inference_steps`, `guidance_scale`, `negative_prompt`
 - `GET  /healthz`              the model version being served (no key needed)
 - `POST /admin/reload`         check the registry now for a moved alias (the replica that gets it)
 - `GET  /openapi.json`         the OpenAPI document of all of these (no key needed)
@@ -17,8 +19,11 @@ Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`
 a field of the wrong type or out of its range (NaN and infinities included, a seed outside
 [-2**63, 2**64-1], text with a lone surrogate) 422, an unknown model 404, a prompt longer than the
 context (or max_tokens past it or past the server's limit) 400, a missing or wrong key 401, over
-the rate limit 429 with Retry-After. A CLIP model asked for completions, an LM asked for images or
-similarity, and an image that does not decode: 400.
+the rate limit 429 with Retry-After. A model asked for what its kind does not serve (completions of a CLIP
+or diffusion model, images of an LM or CLIP model, similarity of anything but CLIP) gets a 400 naming its
+kind, as does an image that does not decode. Unknown fields are ignored; OpenAI's image fields that this
+server does not implement (`style`, `quality: "hd"`, `output_format: "jpeg"`...) get a 400 naming the field
+rather than being ignored. A client that leaves before its images are drawn stops them (`_unless_client_leaves`).
 
 Untrusted clients cannot stall the others (`RequestGuard`, `LimitsConfig`): the key and the rate limit
 are checked before the body is read, a body past `max_body_bytes` gets 413 before it is read; texts past
@@ -56,6 +61,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines import __version__
 from pipelines.serve.engine import GREEDY_BELOW, ClipEngine, Generation, TextEngine
+from pipelines.serve.images import ImageEngine, Picture, picture_seed
 
 if TYPE_CHECKING:
     import torch
@@ -214,6 +220,38 @@ class SimilarityRequest(_Request):
     texts: Annotated[list[str], Field(min_length=1)]
 
 
+class ImageRequest(_Request):
+    model: str
+    prompt: str = Field(description="What to draw; at most the server's max_prompt_chars (the model reads as many "
+                        "tokens as its text encoder takes).")
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = Field(None, description="WxH: the model's native size (a 400 names it); none or auto: that.")
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json", description="b64_json: the PNG inline. url is a 400: this server keeps no images to link to.")
+    user: str | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Image i is drawn from seed + i, whatever "
+                             "shares its batch; none: a random seed per image (each answer names its seed).")
+    num_inference_steps: int = Field(20, ge=1, le=100, description="Sampler steps.")
+    guidance_scale: float = Field(4.0, ge=0.0, le=50.0, description="Classifier-free guidance scale; 1 or less: "
+                                  "none (the negative prompt is then unused).")
+    negative_prompt: str | None = Field(None, description="What to steer away from (with guidance_scale above 1).")
+    # OpenAI's fields that this server does not implement: set to anything but these values, a 400 names them.
+    quality: str | None = Field(None, description="auto or standard only.")
+    style: str | None = Field(None, description="Not supported (400 when set).")
+    background: str | None = Field(None, description="auto or opaque only.")
+    output_format: str | None = Field(None, description="png only.")
+    output_compression: int | None = Field(None, description="Not supported (400 when set).")
+    moderation: str | None = Field(None, description="Not supported (400 when set): nothing is moderated.")
+    partial_images: int | None = Field(None, description="0 only (no streaming).")
+    stream: bool | None = Field(None, description="false only.")
+
+
+# Each field's values that describe what the server does anyway; any other value gets a 400 naming the field.
+IMAGE_FIELDS_ALLOWED: dict[str, tuple[Any, ...]] = {
+    "quality": ("auto", "standard"), "style": (), "background": ("auto", "opaque"), "output_format": ("png",),
+    "output_compression": (), "moderation": (), "partial_images": (0,), "stream": (False,)}
+
+
 # -- response schemas (for /openapi.json: the routes answer these shapes as plain JSON) -------------
 class ErrorDetail(BaseModel):
     message: str
@@ -292,6 +330,16 @@ class Similarity(BaseModel):
     usage: Usage
 
 
+class GeneratedImage(BaseModel):
+    b64_json: str = Field(description="A PNG of the asked size, in base64.")
+    seed: int = Field(description="The seed it was drawn from: the same request with it draws it again.")
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[GeneratedImage]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -341,11 +389,12 @@ class ModelServer(Protocol):
     access: AccessControl
 
     def model_ids(self) -> list[str]: ...
-    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine, str | None]: ...
+    async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine | ImageEngine, str | None]: ...
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None: ...
     async def embed(self, engine: TextEngine, inputs: Sequence[list[int]], adapter: str | None) -> torch.Tensor: ...
     async def clip_embed(self, engine: ClipEngine, texts: Sequence[str],
                          images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]: ...
+    async def draw(self, engine: ImageEngine, pictures: Sequence[Picture]) -> None: ...
     async def reload(self) -> dict[str, Any]: ...
     def health(self) -> dict[str, Any]: ...
 
@@ -464,9 +513,8 @@ def build_api(server: ModelServer) -> FastAPI:
 
     async def text_engine(model: str) -> tuple[TextEngine, str | None]:
         engine, adapter = await server.resolve(model)
-        if isinstance(engine, ClipEngine):
-            raise APIError(400, f"model {model!r} is a CLIP model: it serves /v1/embeddings and /v1/similarity, "
-                           "not completions", param="model", code="model_not_supported")
+        if not isinstance(engine, TextEngine):
+            raise _wrong_kind(model, engine, "completions")
         return engine, adapter
 
     generation_errors = _errors(400, *denied, 404, 422, 503)
@@ -517,6 +565,8 @@ def build_api(server: ModelServer) -> FastAPI:
               responses=_errors(400, *denied, 404, 422, 503))
     async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
+        if isinstance(engine, ImageEngine):
+            raise _wrong_kind(body.model, engine, "embeddings")
         items = [body.input] if isinstance(body.input, str) or isinstance(body.input[0], int) else list(body.input)
         _check_count(len(items), limits, "input", "inputs")
         _check_chars([x for x in items if isinstance(x, str)], limits, "input")
@@ -545,8 +595,7 @@ def build_api(server: ModelServer) -> FastAPI:
     async def similarity(body: SimilarityRequest) -> JSONResponse:
         engine, _ = await server.resolve(body.model)
         if not isinstance(engine, ClipEngine):
-            raise APIError(400, f"model {body.model!r} is not a CLIP model: similarity needs one", param="model",
-                           code="model_not_supported")
+            raise _wrong_kind(body.model, engine, "similarity")
         _check_count(len(body.images) + len(body.texts), limits, "images", "images and texts")
         _check_chars(body.texts, limits, "texts")
 
@@ -562,6 +611,23 @@ def build_api(server: ModelServer) -> FastAPI:
             out["pairs"] = np.diagonal(matrix).tolist()  # image i with text i
         return JSONResponse(out | {"usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
+    @app.post("/v1/images/generations", dependencies=guarded, response_model=ImagesResponse,
+              responses=_errors(400, *denied, 404, 422, 503))
+    async def images(body: ImageRequest, request: Request) -> JSONResponse:
+        engine, _ = await server.resolve(body.model)
+        if not isinstance(engine, ImageEngine):
+            raise _wrong_kind(body.model, engine, "images")
+        _refuse_unimplemented(body)
+        width, height = _image_size(body.size, engine, body.model)
+        _check_count(body.n, limits, "n", "images")
+        _check_chars([body.prompt], limits, "prompt")
+        _check_chars([body.negative_prompt], limits, "negative_prompt")
+        pictures = [Picture(body.prompt, width, height, body.num_inference_steps, body.guidance_scale,
+                            picture_seed(body.seed, i), body.negative_prompt or "") for i in range(body.n)]
+        await _unless_client_leaves(server.draw(engine, pictures), request, pictures)
+        data = [{"b64_json": base64.b64encode(p.png or b"").decode(), "seed": p.seed} for p in pictures]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
     @app.post("/admin/reload", dependencies=guarded, response_model=Reloaded, responses=_errors(*denied))
     async def reload() -> JSONResponse:
         return JSONResponse(await server.reload())
@@ -570,6 +636,70 @@ def build_api(server: ModelServer) -> FastAPI:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+# What each kind of model serves, for the 400 of a request that asks a model for something else.
+_KINDS = {TextEngine: ("a language model", "/v1/completions, /v1/chat/completions and /v1/embeddings"),
+          ClipEngine: ("a CLIP model", "/v1/embeddings and /v1/similarity"),
+          ImageEngine: ("a diffusion model", "/v1/images/generations")}
+
+
+def _wrong_kind(model: str, engine: Any, asked: str) -> APIError:
+    kind, serves = _KINDS[type(engine)]
+    return APIError(400, f"model {model!r} is {kind}: it serves {serves}, not {asked}", param="model",
+                    code="model_not_supported")
+
+
+def _refuse_unimplemented(body: ImageRequest) -> None:
+    """400 naming the first of OpenAI's image fields set to a value this server does not implement."""
+    for name, allowed in IMAGE_FIELDS_ALLOWED.items():
+        value = getattr(body, name)
+        if value is None or value in allowed:  # (strict types: no 0 for False, no True for 1)
+            continue
+        supported = f"only {' or '.join(json.dumps(a) for a in allowed)} is supported" if allowed else \
+            "this server does not implement it"
+        raise APIError(400, f"{name} {json.dumps(value)}: {supported}", param=name,
+                       code="unsupported_value" if allowed else "unsupported_parameter")
+    if body.response_format == "url":
+        raise APIError(400, "response_format \"url\": this server keeps no images to link to; use b64_json",
+                       param="response_format", code="unsupported_value")
+
+
+def _image_size(size: str | None, engine: ImageEngine, model: str) -> tuple[int, int]:
+    """(width, height) of a request's `size`: one of the model's sizes, or its native size for none or auto."""
+    if size is None or size == "auto":
+        return engine.width, engine.height
+    if size not in engine.sizes:
+        raise APIError(400, f"size {json.dumps(size)}: model {model!r} draws {' or '.join(engine.sizes)}",
+                       param="size", code="invalid_value")
+    width, _, height = size.partition("x")
+    return int(width), int(height)
+
+
+async def _unless_client_leaves(work: Any, request: Request, pictures: Sequence[Picture]) -> None:
+    """Await `work` (the drawing of `pictures`); if the client goes away first (or this request is cancelled),
+    mark the pictures cancelled, so they are not decoded nor encoded and a loop of nothing but theirs stops,
+    and cancel `work`, so the ones not started leave their batches."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            for picture in pictures:
+                picture.cancelled = True
+            task.cancel()
+    if not task.done() or task.cancelled():
+        # Nobody reads this answer: nginx's "client closed request".
+        raise APIError(499, "the client went away", code="client_closed_request")
+    task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away (the body is read already: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _clip_embeddings(server: ModelServer, engine: ClipEngine, body: EmbeddingRequest,
                            items: list[Any]) -> JSONResponse:
     """Texts and images into the CLIP model's shared space, in the order given."""

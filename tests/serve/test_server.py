@@ -293,6 +293,13 @@ def test_adapters_load_on_demand_per_request(server: Server, hf_folders, tokeniz
     reload = httpx.post(f"{server.url}/admin/reload", headers=auth(server.key())).json()
     assert reload["adapters"] == {"lm-lora": 1}  # other-lora was trained on another base: not served
     assert [m.id for m in client(server).models.list().data] == ["lm", "lm:lm-lora"]
+    # `pipelines lineage URL --model NAME:ADAPTER`: the versions this endpoint serves now.
+    from pipelines.lineage import endpoint_lineage
+
+    chain = endpoint_lineage(server.url, "lm:lm-lora")
+    assert chain["model"] == "models:/lm-lora/1" and chain["kind"] == "LoRA adapter"
+    assert [(p["role"], p["model"]) for p in chain["parents"]] == [("base", "models:/lm/1")]
+    assert endpoint_lineage(server.url, None)["model"] == "models:/lm/1"
 
     ids = tokenizer("the quick brown", add_special_tokens=False)["input_ids"]
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_folders[0]), str(lora)).eval()

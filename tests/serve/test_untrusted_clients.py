@@ -286,8 +286,9 @@ def test_openapi_document_describes_every_route_and_error(server: Server) -> Non
     assert r.status_code == 200
     paths = r.json()["paths"]
     assert set(paths) == {"/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings",
-                          "/v1/similarity", "/admin/reload"}
-    for path in ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/similarity"]:
+                          "/v1/similarity", "/v1/images/generations", "/admin/reload"}
+    for path in ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/similarity",
+                 "/v1/images/generations"]:
         operation = paths[path]["post"]
         assert {"200", "400", "401", "404", "413", "422"} <= set(operation["responses"]), path
         assert operation["requestBody"]["content"]["application/json"]["schema"], path
@@ -306,7 +307,7 @@ def test_schemathesis_finds_no_server_error(server: Server) -> None:
     api = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     api.config.generation.update(with_security_parameters=False)  # the key is ours to send
     operations = [result.ok() for result in api.get_all_operations()]
-    assert len(operations) == 7
+    assert len(operations) == 8
     headers = {"Authorization": f"Bearer {ENV_KEY}"}
     calls: Counter = Counter()
     for operation in operations:
