@@ -308,7 +308,7 @@ def bare_child(spec_path):
         loss_value = loss.item()
         seconds = time.perf_counter() - started
         steps.append({"step": step, "seconds": seconds, "data_s": data_s, "ts": time.time(), "loss": loss_value,
-                      "mfu": flops_per_step / seconds / peak})
+                      "mfu": flops_per_step / seconds / peak if peak else None})
     # the stream alone, for the same number of batches from a fresh stream: what tokenizing in the loop can deliver
     alone = iter(make_loader(TokenStream(
         open_shards(config.data.shards), spec["tokenizer"], seq_len=config.data.seq_len, micro_batch=e.micro_batch,

@@ -453,7 +453,8 @@ def train_loop(args: dict[str, Any]) -> None:
             metrics_log.flush()
         tokens_per_step = world * e.micro_batch * e.grad_accum * config.data.seq_len
         flops_per_step = flops_per_token(mconfig, config.data.seq_len) * tokens_per_step
-        peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32) * world
+        peak = peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+        peak = peak * world if peak else None
         batches = iter(make_loader(stream))
         engine.train()
         stop_at = min(e.max_steps, e.stop_after or e.max_steps)
@@ -473,9 +474,10 @@ def train_loop(args: dict[str, Any]) -> None:
             loss_value = total.item() / (e.grad_accum * world)
             seconds = time.perf_counter() - started
             if metrics_log:
+                flops = flops_per_step / seconds  # model FLOPs (6N + attention), not counting recomputation
                 metrics_log.add(step, {"loss": loss_value, "lr": schedule.get_last_lr()[0],
-                                       "tokens_per_s": tokens_per_step / seconds,
-                                       "mfu": flops_per_step / seconds / peak, "step_s": seconds})
+                                       "tokens_per_s": tokens_per_step / seconds, "tflops_per_s": flops / 1e12,
+                                       **({"mfu": flops / peak} if peak else {}), "step_s": seconds})
             last = step == stop_at
             if step % e.checkpoint_every == 0 or last:
                 report = {"step": step, "loss": loss_value, "stopped": last and step < e.max_steps}
@@ -565,7 +567,8 @@ class MetricsLog:
             now = int(time.time() * 1000)
             self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
         if "loss" in values and not self.quiet and (step % 10 == 0 or step == 1):
-            mfu = f", MFU {values['mfu']:.1%}" if "mfu" in values else ""
+            mfu = (f", MFU {values['mfu']:.1%}" if "mfu" in values
+                   else f", {1000 * values['tflops_per_s']:.1f} GFLOP/s" if "tflops_per_s" in values else "")
             rate = (f"{values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values
                     else f"{values['samples_per_s']:.0f} samples/s")
             print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, {rate}{mfu}", flush=True)

@@ -79,7 +79,8 @@ def test_two_workers_zero2_learn_register_and_generate(tmp_path: Path, shards: s
     assert last < 0.5 * first, (first, last)  # it learns the grammar
     run = tracking.get_run(result.mlflow_run_id)
     assert run.data.params["engine.zero_stage"] == "2" and run.data.params["engine.workers"] == "2"
-    assert {"tokens_per_s", "mfu", "lr", "heldout_perplexity"} <= set(run.data.metrics)
+    assert {"tokens_per_s", "tflops_per_s", "lr", "heldout_perplexity"} <= set(run.data.metrics)
+    assert "mfu" not in run.data.metrics  # no data-sheet peak for a CPU: no utilisation figure that could pass 100%
     assert 1 < run.data.metrics["heldout_perplexity"] < 20  # 400 tokens: chance would be ~400
     manifest = json.loads(Path(shards, "manifest.json").read_text())
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [manifest["digest"][:36]]  # MLflow's limit
