@@ -47,7 +47,7 @@ def model_lineage(uri: str) -> dict[str, Any]:
 
 def endpoint_lineage(url: str, model: str | None) -> dict[str, Any]:
     """The lineage of the model an endpoint at `url` serves now (its `/healthz`); `model` as clients name it,
-    `NAME` or `NAME:ADAPTER`. The registry is this process's (MLFLOW_TRACKING_URI), which should be the
+    `NAME` or `NAME:ADAPTER` (none: the first model it serves). The registry is this process's (MLFLOW_TRACKING_URI), which should be the
     endpoint's."""
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=10) as response:
@@ -55,14 +55,15 @@ def endpoint_lineage(url: str, model: str | None) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{url}: cannot ask the endpoint what it serves ({exc})") from None
     base, sep, adapter = (model or health["model"]).partition(":")
-    if base != health.get("model"):
-        raise PipelineError(f"{url} serves {health.get('model')}, not {base}")
+    served = health.get("models") or {health.get("model"): health.get("version")}  # several models, or one
+    if base not in served:
+        raise PipelineError(f"{url} serves {', '.join(map(str, served))}, not {base}")
     if sep:
         adapters = health.get("adapters") or {}
         if adapter not in adapters:
             raise PipelineError(f"{url} serves no adapter {adapter!r} (it serves: {', '.join(adapters) or 'none'})")
         return model_lineage(f"models:/{adapter}/{adapters[adapter]}")
-    return model_lineage(f"models:/{base}/{health['version']}")
+    return model_lineage(f"models:/{base}/{served[base]}")
 
 
 def _model(uri: str, seen: set[str]) -> dict[str, Any]:

@@ -785,7 +785,8 @@ def _write_report(out: ShardOutput, stats: dict[str, Any], kind: str, removed: p
 
 
 def print_summary(console: Console, output: str, stats: dict[str, Any]) -> None:
-    table = Table(title=f"curate: {output}")
+    console.print(f"curate: {output}", soft_wrap=True, highlight=False)  # not a table title: those wrap paths
+    table = Table()
     for col, justify in (("step", "left"), ("in", "right"), ("kept", "right"), ("dropped", "left"), ("s", "right")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in stats["steps"]:

@@ -256,7 +256,8 @@ def _run_sharded(out: ShardOutput, *, kind: str, reader: InputReader, output: st
 
 def print_summary(console: Console, kind: str, manifest_path: str, result: CrawlResult) -> None:
     stats = result.manifest["stats"]
-    table = Table(title=f"crawl {kind}: {manifest_path}", show_header=True)
+    console.print(f"crawl {kind}: {manifest_path}", soft_wrap=True, highlight=False)  # a title would wrap it
+    table = Table(show_header=True)
     table.add_column("status")
     table.add_column("rows", justify="right")
     table.add_column("share", justify="right")

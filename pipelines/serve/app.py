@@ -1,12 +1,14 @@
-"""The Ray Serve application: one deployment whose replicas hold the model and answer HTTP.
+"""The Ray Serve application: one deployment whose replicas hold the models and answer HTTP.
 
-- `OpenAIServer` is the deployment: each replica loads the registered model (a causal LM, a CLIP
+- `OpenAIServer` is the deployment: each replica loads every registered model of the config (`model` and
+  `also`, behind one base URL: a request's `model` names one), each a causal LM, a CLIP
   model when the version is tagged `pipelines.kind=clip`: embeddings and similarity only, or a diffusion
   model when tagged `pipelines.kind=diffusion`: images only), builds the FastAPI app of `openai_api` over
   itself (`serve.ingress` with `__serve_build_asgi_app__`), batches generation, embedding and drawing
   calls (`serve.batch`), loads adapters on demand into a per-replica LRU
-  (`serve.multiplexed`) and watches the registry: when the alias moves it loads the new version
-  beside the old one and switches over; requests in flight finish on the version they started on.
+  (`serve.multiplexed`; an adapter attaches to the served base it was trained on) and watches the
+  registry: when a model's alias moves it loads the new version beside the old one and switches over,
+  leaving the other models alone; requests in flight finish on the version they started on.
 - `build_app(args)` is the application builder that `serve run` / `serve deploy` / a RayService
   import (`pipelines.serve.app:build_app`); `emit_config` writes that config file.
 - `serve_model(config)` is the stage's entry (`pipelines serve`): Serve on the local Ray of
@@ -35,6 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -81,10 +84,21 @@ class LoadedAdapter:
             engine.unload_adapter(self.name)
 
 
+@dataclass(eq=False)
+class ServedModel:
+    """One base model of the deployment: what the config asks for, its registered name, the engine of the
+    version served now, and the adapters trained on it."""
+
+    uri: str
+    name: str
+    engine: TextEngine | ClipEngine | ImageEngine
+    adapters: dict[str, int] = field(default_factory=dict)  # adapter name -> its version for this base
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress()
 class OpenAIServer:
-    """A replica: the model (and adapters) of `config`, served by the app of `openai_api`."""
+    """A replica: the models (and adapters) of `config`, served by the app of `openai_api`."""
 
     def __init__(self, config: dict[str, Any], tracking_uri: str | None = None):
         from pipelines.train.registry import configure_tracking, resolve_version
@@ -95,9 +109,10 @@ class OpenAIServer:
         self._resolve_version = resolve_version
         self.config = ServeConfig.model_validate(config)
         self.access = AccessControl(self.config.access.resolve_keys(), self.config.access.rate_limit)
-        self.base_name, version = resolve_version(self.config.model)
-        self.engine = self._load(version)
-        self.adapter_versions: dict[str, int] = {}  # adapter name -> its version for the current base
+        self.served: dict[str, ServedModel] = {}  # registered name -> model, `model` first
+        for uri in self.config.models:  # one after the other: a replica holds them all
+            name, version = resolve_version(uri)
+            self.served[name] = ServedModel(uri, name, self._load(name, version))
         self._adapter_problems: dict[str, str] = {}  # adapter URI -> why it is not (or not quite) served
         self._resolve_adapters()
         self._generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
@@ -123,18 +138,20 @@ class OpenAIServer:
 
     # -- what the routes call ------------------------------------------------------------------
     def model_ids(self) -> list[str]:
-        return [self.base_name] + [f"{self.base_name}:{a}" for a in sorted(self.adapter_versions)]
+        return [m for served in self.served.values()
+                for m in [served.name, *(f"{served.name}:{a}" for a in sorted(served.adapters))]]
 
     async def resolve(self, model: str) -> tuple[TextEngine | ClipEngine | ImageEngine, str | None]:
         """The engine for `model` (NAME or NAME:ADAPTER) and the adapter's loaded name."""
-        engine = self.engine
         base, sep, adapter = model.partition(":")
-        if base != self.base_name or (sep and adapter not in self.adapter_versions):
+        served = self.served.get(base)
+        if served is None or (sep and adapter not in served.adapters):
             raise APIError(404, f"model {model!r} not found; served: {', '.join(self.model_ids())}",
                            param="model", code="model_not_found")
+        engine = served.engine
         if not sep:
             return engine, None
-        loaded = await self._adapter(f"{adapter}/{self.adapter_versions[adapter]}@{engine.load_id}")
+        loaded = await self._adapter(f"{adapter}/{served.adapters[adapter]}@{engine.load_id}")
         return engine, loaded.name
 
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None:
@@ -173,8 +190,20 @@ class OpenAIServer:
         return await asyncio.to_thread(self.refresh)
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.base_name, "version": self.engine.version,
-                "adapters": self.adapter_versions}
+        """The first model's name and version, every adapter's version and, with several models, each one's."""
+        first = self._first
+        out = {"status": "ok", "model": first.name, "version": first.engine.version, "adapters": self._adapters()}
+        if len(self.served) > 1:
+            out["models"] = {name: served.engine.version for name, served in self.served.items()}
+        return out
+
+    @property
+    def _first(self) -> ServedModel:
+        return next(iter(self.served.values()))
+
+    def _adapters(self) -> dict[str, int]:
+        """Every adapter served, whatever its base: adapter name -> version (a registered name has one base)."""
+        return {name: version for served in self.served.values() for name, version in served.adapters.items()}
 
     # -- batches -------------------------------------------------------------------------------
     # A row fails alone: each batch returns, per item, its result or the exception of that item only
@@ -217,17 +246,17 @@ class OpenAIServer:
         return [None] * len(items)
 
     # -- the registry --------------------------------------------------------------------------
-    def _load(self, version: int) -> TextEngine | ClipEngine | ImageEngine:
+    def _load(self, name: str, version: int) -> TextEngine | ClipEngine | ImageEngine:
         from mlflow import MlflowClient
 
         from pipelines.train.registry import load_registered
 
         started = time.monotonic()
-        kind = MlflowClient().get_model_version(self.base_name, str(version)).tags.get("pipelines.kind")
+        kind = MlflowClient().get_model_version(name, str(version)).tags.get("pipelines.kind")
         if kind == "diffusion":
             from pipelines.train.diffusion import load_diffusion
 
-            images = ImageEngine(load_diffusion(f"models:/{self.base_name}/{version}"), self.base_name, version)
+            images = ImageEngine(load_diffusion(f"models:/{name}/{version}"), name, version)
             images.draw([Picture("warm up", images.width, images.height, steps=1, guidance=1.0, seed=0)])
             log.info("loaded %s (diffusion) in %.1f s", images.label, time.monotonic() - started)
             return images
@@ -236,31 +265,47 @@ class OpenAIServer:
 
             from pipelines.train.clip_model import load_clip
 
-            clip = ClipEngine(load_clip(f"models:/{self.base_name}/{version}"), self.base_name, version)
+            clip = ClipEngine(load_clip(f"models:/{name}/{version}"), name, version)
             clip.embed(["warm up"], [Image.new("RGB", (8, 8))])
             log.info("loaded %s (CLIP) in %.1f s", clip.label, time.monotonic() - started)
             return clip
-        model, tokenizer = load_registered(f"models:/{self.base_name}/{version}")
-        engine = TextEngine(model, tokenizer, self.base_name, version)
+        model, tokenizer = load_registered(f"models:/{name}/{version}")
+        engine = TextEngine(model, tokenizer, name, version)
         engine.generate([Generation(engine.encode("warm up") or [engine.eos], 1, temperature=0.0)])
         log.info("loaded %s in %.1f s", engine.label, time.monotonic() - started)
         return engine
 
     def refresh(self) -> dict[str, Any]:
-        """Follow a moved alias: load the new version, then switch to it; re-resolve the adapters."""
+        """Follow moved aliases: for each model whose alias moved, load the new version, then switch to it
+        (the other models are not touched); re-resolve the adapters. A model that fails to resolve or load
+        keeps its version and does not hold back the others; the first such failure is raised after."""
         with self._refresh_lock:
-            previous = self.engine.version
-            _, version = self._resolve_version(self.config.model)
-            if version != previous:
-                self.engine = self._load(version)
-                log.warning("%s: now serving version %d (was %d)", self.config.model, version, previous)
+            previous = {name: served.engine.version for name, served in self.served.items()}
+            failed: list[Exception] = []
+            for served in self.served.values():
+                try:
+                    _, version = self._resolve_version(served.uri)
+                    if version != served.engine.version:
+                        served.engine = self._load(served.name, version)
+                        log.warning("%s: now serving version %d (was %d)", served.uri, version,
+                                    previous[served.name])
+                except Exception as e:
+                    failed.append(e)
             self._resolve_adapters()
-            return {"model": self.base_name, "version": self.engine.version, "previous_version": previous,
-                    "adapters": self.adapter_versions}
+            if failed:
+                raise failed[0]
+            first = self._first
+            out = {"model": first.name, "version": first.engine.version, "previous_version": previous[first.name],
+                   "adapters": self._adapters()}
+            if len(self.served) > 1:
+                out["models"] = {name: {"version": served.engine.version, "previous_version": previous[name]}
+                                 for name, served in self.served.items()}
+            return out
 
     def _resolve_adapters(self) -> None:
-        """Each adapter's version for this base; adapters of another base are left out, with a warning."""
-        found: dict[str, int] = {}
+        """Each adapter's version, attached to the served base it was trained on; adapters of a base not
+        served are left out, with a warning."""
+        found: dict[str, dict[str, int]] = {name: {} for name in self.served}
         problems: dict[str, str] = {}
         for uri in self.config.adapter:
             try:
@@ -269,18 +314,20 @@ class OpenAIServer:
             except PipelineError as e:
                 problems[uri] = f"adapter {uri} not served: {e}"
                 continue
-            if base_name != self.base_name:
-                problems[uri] = f"adapter {uri} not served: trained on {base_name}, not {self.base_name}"
+            base = self.served.get(base_name)
+            if base is None:
+                problems[uri] = f"adapter {uri} not served: trained on {base_name}, not {', '.join(self.served)}"
                 continue
-            if base_version != self.engine.version:
+            if base_version != base.engine.version:
                 problems[uri] = (f"adapter {uri} was trained on {base_name}/{base_version}, served on version "
-                                 f"{self.engine.version}")
-            found[name] = version
+                                 f"{base.engine.version}")
+            found[base_name][name] = version
         for uri, problem in problems.items():
             if self._adapter_problems.get(uri) != problem:  # once, not at every check
                 log.warning(problem)
         self._adapter_problems = problems
-        self.adapter_versions = found
+        for name, served in self.served.items():
+            served.adapters = found[name]
 
     def _adapter_base(self, name: str, version: int) -> tuple[str, int]:
         """The base (name, version) an adapter version was trained on: its `base_model` tag."""
@@ -299,8 +346,8 @@ class OpenAIServer:
 
         ref, _, load_id = key.partition("@")
         name, _, version = ref.partition("/")
-        engine = self.engine
-        if engine.load_id != load_id:
+        engine = next((s.engine for s in self.served.values() if s.engine.load_id == load_id), None)
+        if engine is None:  # its base moved to another version meanwhile
             raise APIError(503, "the model version changed while loading the adapter; retry", type="server_error",
                            code="model_reloading")
         loaded_name = f"{name}_v{version}"  # peft: no dots in adapter names
@@ -481,7 +528,8 @@ def serve_model(config: ServeConfig) -> str | None:
     config = config.model_copy(update={"access": config.access.model_copy(
         update={"api_keys": config.access.resolve_keys()})})
     configure_tracking()
-    resolve_version(config.model)  # fails here, in one line, rather than in the replica's constructor
+    for uri in config.models:  # fails here, in one line, rather than in the replica's constructor
+        resolve_version(uri)
     direct = config.direct_ingress
     if not ray.is_initialized() and not settings().ray_address:
         for key, value in ray_serve_env(config).items():  # the local Ray's processes inherit them
@@ -500,11 +548,11 @@ def serve_model(config: ServeConfig) -> str | None:
     try:
         serve.run(build_app(replica_args(config)), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as e:  # the replica's constructor failed (e.g. no such model): its error, one line
-        raise PipelineError(f"cannot start serving {config.model}: {_root_cause(e)}") from None
+        raise PipelineError(f"cannot start serving {', '.join(config.models)}: {_root_cause(e)}") from None
     url = f"http://{config.host}:{config.port}"
     _wait_until_up(url)
     where = "direct ingress" if direct else "Serve's proxy"
-    print(f"serving {config.model} at {url}/v1 ({where})", flush=True)
+    print(f"serving {', '.join(config.models)} at {url}/v1 ({where})", flush=True)
     if not config.blocking:
         return url
 

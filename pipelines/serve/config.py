@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -101,10 +101,23 @@ class LimitsConfig(ConfigModel):
         40_000_000, ge=1, description="Largest image (width x height) decoded; 400 above it, from the header.")
 
 
+def model_name(uri: str) -> str:
+    """The registered NAME of models:/NAME@ALIAS or models:/NAME/VERSION."""
+    return re.split(r"[@/]", uri.removeprefix("models:/"), maxsplit=1)[0]
+
+
 class ServeConfig(ConfigModel):
-    """`pipelines serve`: an OpenAI-compatible HTTP API for a registered model, on Ray Serve."""
+    """`pipelines serve`: an OpenAI-compatible HTTP API for registered models, on Ray Serve.
+
+    `model` and the models of `also` are served together behind one base URL (every replica holds all of
+    them); a request's `model` picks one by its registered NAME. In a file, `model` may be a list: its first
+    URI is `model`, the rest go before `also`.
+    """
 
     model: str = Field(description="Registered model to serve: models:/NAME@ALIAS or models:/NAME/VERSION.")
+    also: list[str] = Field(
+        default_factory=list, description="More registered models served beside --model at the same endpoint "
+        "(models:/NAME@ALIAS), each requested as its NAME; every replica holds them all.")
     adapter: list[str] = Field(
         default_factory=list, description="LoRA adapters to serve (models:/ADAPTER@ALIAS), requested as model "
         "NAME:ADAPTER.")
@@ -136,12 +149,32 @@ class ServeConfig(ConfigModel):
 
     run_options: ClassVar[dict] = {"emit_config": True, "blocking": True}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_list(cls, data: Any) -> Any:
+        """`model: [a, b, c]` is `model: a` with `also: [b, c]` (before any `also` given)."""
+        if isinstance(data, dict) and isinstance(data.get("model"), list) and data["model"]:
+            first, *rest = data["model"]
+            data = {**data, "model": first, "also": [*rest, *data.get("also", [])]}
+        return data
+
     @model_validator(mode="after")
     def _model_uri(self) -> ServeConfig:
-        for uri in [self.model, *self.adapter]:
+        for uri in [*self.models, *self.adapter]:
             if not uri.startswith("models:/"):
                 raise ValueError(f"{uri!r} is not a registered model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+        names = [model_name(uri) for uri in self.models]
+        for name in names:
+            if names.count(name) > 1:
+                twice = [uri for uri in self.models if model_name(uri) == name]
+                raise ValueError(f"model {name} is asked for twice ({' and '.join(twice)}): requests name a model "
+                                 "by its registered name, so one endpoint serves one version of it")
         return self
+
+    @property
+    def models(self) -> list[str]:
+        """Every model served: `model`, then `also`."""
+        return [self.model, *self.also]
 
     @property
     def direct_ingress(self) -> bool:

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API: request schemas, errors, auth, rate limits and the routes.
 
 `build_api(server)` returns a FastAPI app whose routes call a `ModelServer` (the Ray Serve replica;
-the benchmark also mounts it on plain uvicorn). Routes:
+the benchmark also mounts it on plain uvicorn). A server may serve several base models: each request's
+`model` picks one. Routes:
 
-- `GET  /v1/models`            the base model and `NAME:ADAPTER` for each adapter
+- `GET  /v1/models`            every base model, and `NAME:ADAPTER` for each adapter of that base
 - `POST /v1/completions`       prompt (text, texts or token ids) -> text; `stream: true` for SSE
 - `POST /v1/chat/completions`  messages -> the assistant's reply; `stream: true` for SSE
 - `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64); a CLIP
@@ -11,8 +12,9 @@ the benchmark also mounts it on plain uvicorn). Routes:
 - `POST /v1/similarity`        CLIP models: `{images: [...], texts: [...]}` -> the image x text cosine matrix
 - `POST /v1/images/generations` diffusion models: OpenAI's Images API, PNGs as `b64_json`, at the model's native
                                size; extra fields `seed`, `num_inference_steps`, `guidance_scale`, `negative_prompt`
-- `GET  /healthz`              the model version being served (no key needed)
-- `POST /admin/reload`         check the registry now for a moved alias (the replica that gets it)
+- `GET  /healthz`              the model version being served (no key needed): the first model's, and with
+                               several models each one's under `models`
+- `POST /admin/reload`         check the registry now for moved aliases (the replica that gets it)
 - `GET  /openapi.json`         the OpenAPI document of all of these (no key needed)
 
 Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
@@ -354,16 +356,23 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
-    model: str
+    model: str = Field(description="The first model served.")
+    version: int = Field(description="Its version.")
+    adapters: dict[str, int] = Field(description="Every adapter served (whatever its base) and its version.")
+    models: dict[str, int] | None = Field(None, description="With several models: each one's version.")
+
+
+class ReloadedModel(BaseModel):
     version: int
-    adapters: dict[str, int]
+    previous_version: int
 
 
 class Reloaded(BaseModel):
-    model: str
+    model: str = Field(description="The first model served.")
     version: int
     previous_version: int
     adapters: dict[str, int]
+    models: dict[str, ReloadedModel] | None = Field(None, description="With several models: each one's versions.")
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

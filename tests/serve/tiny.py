@@ -32,11 +32,11 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalL
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
-def tiny_diffusion(folder: Path, seed: int = 0) -> Path:
+def tiny_diffusion(folder: Path, seed: int = 0, preset: str = "tiny") -> Path:
     """An untrained tiny text-to-image model saved as a diffusers StableDiffusionPipeline folder (what
-    `pipelines pretrain --kind diffusion` exports): the `tiny` UNet preset on 16x16x4 latents, the tiny
-    autoencoder (32x32 images), a one-layer CLIP text tower over the drawn shapes' words. `seed` picks the
-    UNet's weights; return the folder."""
+    `pipelines pretrain --kind diffusion` exports): the `tiny` UNet preset (or `preset`) on 16x16x4 latents,
+    the tiny autoencoder (32x32 images), a one-layer CLIP text tower over the drawn shapes' words. `seed`
+    picks the UNet's weights; return the folder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from pipelines.train.diffusion import DiffusionModelConfig, ObjectiveConfig, build_unet, make_pipeline
@@ -49,6 +49,6 @@ def tiny_diffusion(folder: Path, seed: int = 0) -> Path:
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
-    unet = build_unet(DiffusionModelConfig(preset="tiny"), 4, 16, text.config.hidden_size, seed=seed)
+    unet = build_unet(DiffusionModelConfig(preset=preset), 4, 16, text.config.hidden_size, seed=seed)
     make_pipeline(unet, tiny_vae(0).eval(), text, words, ObjectiveConfig()).save_pretrained(folder)
     return folder

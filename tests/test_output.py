@@ -1,0 +1,27 @@
+"""What a person reads when the output is not a terminal (a pipe, a file, a CI log): whole lines, no paths cut."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_piped_summary_keeps_long_paths_whole(tmp_path: Path) -> None:
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4) / "shards-of-the-text-crawl"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "text": f"document number {i} " * 20}) + "\n"
+                              for i in range(5)))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"PIPELINES_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "crawl", "text", "--input", str(corpus),
+                           "--output", str(deep)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    manifest = str(deep / "manifest.json")
+    assert len(manifest) > 120
+    assert any(manifest in line for line in output.splitlines()), output  # on one line, not folded at 80
