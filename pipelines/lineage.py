@@ -22,6 +22,7 @@ now; a difference is shown, never hidden.
 from __future__ import annotations
 
 import json
+import unicodedata
 import urllib.request
 from typing import Any
 
@@ -131,27 +132,53 @@ def shards_lineage(url: str, recorded: str | None = None, depth: int = 0) -> dic
         manifest = read_manifest(url)
     except PipelineError as exc:
         return {**node, "error": str(exc)}
-    node.update(digest=manifest["digest"], kind=manifest.get("kind"), samples=manifest.get("samples"),
-                created=manifest.get("created"), matches=None if recorded is None else recorded == manifest["digest"])
+    # A manifest is data from storage: every value shown is made printable text, whatever its type.
+    digest = _text(manifest["digest"])
+    samples = manifest.get("samples")
+    node.update(digest=digest, kind=_text(manifest.get("kind")), created=_text(manifest.get("created")),
+                samples=samples if isinstance(samples, int) else None,
+                matches=None if recorded is None else recorded == digest)
     config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
     source = manifest.get("input") if isinstance(manifest.get("input"), dict) else {}
+    source = {k: _text(source.get(k)) for k in ("path", "url", "digest")} | {
+        "files": [f for f in source.get("files") or [] if isinstance(f, dict)] if isinstance(
+            source.get("files"), list) else []}
     if manifest.get("kind") == "latents":
         autoencoder = manifest.get("autoencoder") or {}
-        node["stage"] = {"name": "encode", "config_digest": manifest.get("config_digest"),
-                         "autoencoder": autoencoder.get("uri"),
-                         "text_encoder": (manifest.get("clip") or {}).get("uri")}
+        clip = manifest.get("clip")
+        node["stage"] = {"name": "encode", "config_digest": _text(manifest.get("config_digest")),
+                         "autoencoder": _text(autoencoder.get("uri") if isinstance(autoencoder, dict) else None),
+                         "text_encoder": _text(clip.get("uri") if isinstance(clip, dict) else None)}
     elif "steps" in config or "run_digest" in manifest:
-        node["stage"] = {"name": "curate", "config_digest": manifest.get("config_digest"),
-                         "steps": [s.get("step") for s in config.get("steps", []) if isinstance(s, dict)]}
+        steps = config.get("steps") if isinstance(config.get("steps"), list) else []
+        node["stage"] = {"name": "curate", "config_digest": _text(manifest.get("config_digest")),
+                         "steps": [_text(s.get("step")) for s in steps if isinstance(s, dict)]}
     else:
-        node["stage"] = {"name": "crawl", "config_digest": manifest.get("config_digest"),
-                         "input": source.get("path") or config.get("input"), "input_digest": source.get("digest"),
-                         "input_files": source.get("files", []), "converted_from": manifest.get("converted_from")}
+        node["stage"] = {"name": "crawl", "config_digest": _text(manifest.get("config_digest")),
+                         "input": source.get("path") or _text(config.get("input")),
+                         "input_digest": source.get("digest"),
+                         "input_files": source.get("files", []), "converted_from": _converted(manifest.get("converted_from"))}
         return node
     upstream = source.get("path") or source.get("url")
     if upstream and depth < 16:
         node["input"] = shards_lineage(upstream, source.get("digest"), depth + 1)
     return node
+
+
+def _converted(value: Any) -> dict[str, str | None] | None:
+    if not isinstance(value, dict):
+        return None
+    return {"path": _text(value.get("path")), "sha256": _text(value.get("sha256")) or "?"}
+
+
+def _text(value: Any) -> str | None:
+    """A manifest's value as printable text (None stays None): lone surrogates and other unencodable
+    characters replaced, so one odd manifest cannot break the printing of the chain."""
+    if value is None:
+        return None
+    text = str(value).encode("utf-8", "replace").decode("utf-8")
+    # Control and format characters (newlines, terminal escapes, right-to-left overrides) could fake lines.
+    return "".join("?" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
 
 
 # -- text -----------------------------------------------------------------------------------------

@@ -168,3 +168,26 @@ def test_examples_file_is_named_through_its_staged_copy(tmp_path: Path) -> None:
                                                 "sha256": hashlib.sha256(examples.read_bytes()).hexdigest()}
     staged = Path(crawl["stage"]["input"])
     assert crawl["stage"]["input_digest"] == hashlib.sha256(staged.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("manifest", [
+    {"shards": [], "digest": 5, "kind": ["x"], "config": "a string", "input": {"path": "SELF"}},
+    {"shards": [], "digest": "d", "config": {"steps": "not a list"}, "run_digest": 1, "input": {"path": 7}},
+    {"shards": [], "digest": "\ud800\u202e\x1b[2J", "input": "not a dict", "converted_from": {"path": ["x"]}},
+    {"shards": [], "digest": "d", "kind": "latents", "autoencoder": "not a dict", "clip": 3, "samples": "many"},
+])
+def test_odd_manifests_print_as_text_and_stop_only_their_hop(tmp_path: Path, manifest: dict[str, Any]) -> None:
+    from pipelines.lineage import _render_shards, shards_lineage
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    if manifest.get("input") == {"path": "SELF"}:
+        manifest["input"] = {"path": str(folder)}  # a manifest naming itself as its input
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    node = shards_lineage(str(folder), "recorded")
+    lines = _render_shards(node, "shards", 0)
+    text = json.dumps(node) + "\n".join(lines)
+    text.encode("utf-8")  # printable: no lone surrogates
+    assert "\x1b" not in text and "\u202e" not in text
+    assert lines[0].startswith("shards") and "CHANGED since it was read" in lines[0]
