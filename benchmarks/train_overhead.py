@@ -29,18 +29,21 @@ What it does:
      id is in STORAGE/RUN/run.json), bare from the JSON file its subprocess writes, computed the same way.
 
 Figures per run, over the steps after --warmup:
+  - span tokens/s, the headline: the measured steps' tokens / time from the end of step --warmup to the end of the
+    last step, by the steps' timestamps (ours: its MLflow metric timestamps). Everything between steps is in it,
+    and every slow step: it is what a user's wall clock sees.
   - step tokens/s: median of the per-step tokens/s. Both loops time a step the same way, from fetching the
-    micro-batch to `loss.item()`, so what ours does between steps (MLflow batches, checkpoints) is not in it.
-  - span tokens/s: the measured steps' tokens / time from the end of step --warmup to the end of the last step,
-    by the steps' timestamps (ours: its MLflow metric timestamps). Everything between steps is in it.
+    micro-batch to `loss.item()`, so what ours does between steps (MLflow batches, checkpoints) is not in it, nor
+    are the slow steps of a burst of other work on the machine.
   - wall: the whole process, split into start-up (launch to the start of step 1: imports, Ray, the Ray Train
     worker, DeepSpeed, model, first data), loop (step 1 to the last step) and after (ours: held-out eval, last
     checkpoint, Ray Train shutdown, export, exit).
   - bare only: the share of its step time spent fetching micro-batches, and the stream alone: the same number of
     batches from a fresh TokenStream after the loop (left out of bare's "after").
-Medians over the rounds; ratio = ours / bare; overhead = 1 - ratio. MFU as each loop computes it (on CPU against a
-matmul peak measured in the process, so noisy; on known GPUs against the data sheet's bf16 peak). Each run records
-the 1-minute load average before and after it: other work on the machine shows there.
+Medians over the rounds; ratio = ours / bare; overhead = 1 - ratio; also each round's own span ratio (ours and
+bare run minutes apart, so on a shared machine the per-round ratios show how far load moved the figures). MFU as
+each loop computes it (on known GPUs against the data sheet's bf16 peak; on a CPU there is none, GFLOP/s only).
+Each run records the 1-minute load average before and after it: other work on the machine shows there.
 Prints markdown tables, writes all figures to WORKDIR/results.json and logs to WORKDIR/logs/.
 """
 import argparse
@@ -409,7 +412,7 @@ def main():
             else:
                 r = run_ours(workdir, f"{label}-{rnd}", spec, env, args.timeout, extra, args.keep_runs)
             runs[label].append(r)
-            print(f"  step {fmt(r.get('tokens_per_s'), 0)} tokens/s, span {fmt(r.get('span_tokens_per_s'), 0)}"
+            print(f"  span {fmt(r.get('span_tokens_per_s'), 0)} tokens/s, step {fmt(r.get('tokens_per_s'), 0)}"
                   f" tokens/s, wall {fmt(r.get('wall_s'))}s (start-up {fmt(r.get('startup_s'))}s), "
                   f"load {fmt(r['loadavg_1m'][0], 2)} -> {fmt(r['loadavg_1m'][1], 2)}", flush=True)
     total_s = time.perf_counter() - started
@@ -425,7 +428,7 @@ def main():
     print(f"\n## Training loop overhead: {args.preset}, seq_len {args.seq_len} x micro-batch {args.micro_batch} "
           f"({args.micro_batch * args.seq_len} tokens/step/worker), {args.steps} steps (figures over steps "
           f"{args.warmup + 1}-{args.steps}), {args.runs} round(s), {os.cpu_count()} CPUs, {args.device}\n")
-    print("| loop | workers x threads | step tokens/s | ours/bare | overhead | span tokens/s | ours/bare | overhead "
+    print("| loop | workers x threads | span tokens/s | ours/bare | overhead | step tokens/s | ours/bare | overhead "
           "| MFU | wall (s) | start-up (s) | loop (s) | after (s) | final loss |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios = {}
@@ -439,14 +442,19 @@ def main():
             r_step, o_step = overhead(m, bare, "tokens_per_s")
             r_span, o_span = overhead(m, bare, "span_tokens_per_s")
             ratios[label] = {"step": r_step, "overhead_step": o_step, "span": r_span, "overhead_span": o_span}
-            cells = [fmt(r_step, 3), pct(o_step), fmt(r_span, 3), pct(o_span)]
-        print(f"| {label} | {shape(label)} | {fmt(m['tokens_per_s'], 0)} | {cells[0]} | {cells[1]} "
-              f"| {fmt(m['span_tokens_per_s'], 0)} | {cells[2]} | {cells[3]} | {pct(m['mfu'])} | {fmt(m['wall_s'])} "
+            cells = [fmt(r_span, 3), pct(o_span), fmt(r_step, 3), pct(o_step)]
+        print(f"| {label} | {shape(label)} | {fmt(m['span_tokens_per_s'], 0)} | {cells[0]} | {cells[1]} "
+              f"| {fmt(m['tokens_per_s'], 0)} | {cells[2]} | {cells[3]} | {pct(m['mfu'])} | {fmt(m['wall_s'])} "
               f"| {fmt(m['startup_s'])} | {fmt(m['loop_s'])} | {fmt(m['after_s'])} | {fmt(m['final_loss'], 4)} |")
-    print("\nstep = median per-step tokens/s (batch fetch to loss.item()); span = measured tokens / time from the end "
-          "of the warm-up to the last step (ours: with its MLflow batches and checkpoints between steps); start-up = "
-          "launch to step 1; after = last step to exit (ours: held-out eval, last checkpoint, Ray Train shutdown, "
-          "export). Target: overhead <= 5%.")
+    print("\nspan (the headline) = measured tokens / time from the end of the warm-up to the last step: what a wall "
+          "clock sees, with everything between steps (ours: MLflow batches, checkpoints); step = median per-step "
+          "tokens/s (batch fetch to loss.item()); start-up = launch to step 1; after = last step to exit (ours: "
+          "held-out eval, last checkpoint, Ray Train shutdown, export). Target: span overhead <= 5%.")
+    for label in ratios:
+        rounds_ratio = [ratio(o.get("span_tokens_per_s"), b.get("span_tokens_per_s"))
+                        for o, b in zip(runs[label], runs["bare"]) if o.get("ok") and b.get("ok")]
+        ratios[label]["span_per_round"] = rounds_ratio
+        print(f"{label} / bare, span, round by round: {', '.join(fmt(x, 3) for x in rounds_ratio)}")
     if bare.get("ok_runs"):
         print(f"bare: fetching micro-batches from the TokenStream took {pct(bare['data_share'])} of its step time; "
               f"the stream alone delivers {fmt(bare['stream_tokens_per_s'], 0)} tokens/s ({args.steps} batches).")

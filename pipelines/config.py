@@ -59,10 +59,7 @@ def leaf_fields(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterato
 def default_at(model: type[BaseModel], path: tuple[str, ...]) -> Any:
     """The default of the field at `path`, as the top-level model sets it: a nested section's default
     instance may override its class's defaults (fine-tuning's engine section does)."""
-    field = model.model_fields[path[0]]
-    if len(path) == 1:
-        return field.default
-    node = field.get_default(call_default_factory=True)
+    node = model.model_fields[path[0]].get_default(call_default_factory=True)
     for key in path[1:]:
         node = getattr(node, key)
     return node
@@ -132,12 +129,24 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
         inner = [a for a in args if a is not type(None)]
         return _cli_type(inner[0]) if len(inner) == 1 else (str, "")
     if origin is Literal:
-        return str, "one of: " + ", ".join(map(str, args))
+        return str, "One of: " + ", ".join(map(str, args))
     if origin in (list, tuple):
-        return list[str], "repeat the option for several values"
+        return list[str], "Repeat the option for several values."
     if annotation in (bool, int, float, str):
         return annotation, ""
     return str, ""
+
+
+def _shown(value: Any, flag: str) -> str:
+    """A default as a user would type it: `--quiet`/`--no-quiet` for a flag, a list's items, text unquoted;
+    nothing for None (the field's description says what unset means) or an empty list."""
+    if value is None or value == []:
+        return ""
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return "''" if value == "" else str(value)
 
 
 def kind_of(model: type[BaseModel]) -> str | None:
@@ -151,7 +160,7 @@ def _merged(per_kind: dict[Any, str]) -> str:
     texts = set(per_kind.values())
     if len(texts) == 1:
         return texts.pop()
-    return "; ".join(f"{kind}: {text}" for kind, text in per_kind.items() if text)
+    return "; ".join(f"{kind}: {text.removesuffix('.')}" for kind, text in per_kind.items() if text)
 
 
 @contextlib.contextmanager
@@ -197,26 +206,30 @@ def config_command(model: type[ConfigModel], run: Callable[[Any], Any],
         default=typer.Option(None, "--config", "-c", help="YAML file with any of the options below."))]
     for name, per_kind in options.items():
         path = next(iter(per_kind.values()))[0]
+        flag = path[-1].replace("_", "-")
         cli_types, texts, defaults = set(), {}, {}
         for kind, (_, field) in per_kind.items():
             cli_type, hint = _cli_type(field.annotation)
             if path == ("kind",):
-                hint = "one of: " + ", ".join(map(str, kinds))
+                hint = "One of: " + ", ".join(map(str, kinds))
             cli_types.add(cli_type)
             texts[kind] = " ".join(filter(None, [field.description, hint]))
-            defaults[kind] = repr(default_at(variants[kind][0], path))
+            defaults[kind] = _shown(default_at(variants[kind][0], path), flag)
         cli_type = cli_types.pop() if len(cli_types) == 1 else str
         only = f"({', '.join(map(str, per_kind))} only) " if len(per_kind) < len(variants) else ""
         required = all(field.is_required() for _, field in per_kind.values())
         if path == ("kind",):  # the first config's, the one a file without `kind` gets
             defaults = {kinds[0]: defaults[kinds[0]]}
-        default_shown = "" if required else escape(f" [default: {_merged(defaults)}]")
-        help_text = only + _merged(texts) + default_shown
-        flag = path[-1].replace("_", "-")
+        shown = _merged(defaults)
+        default_shown = " [required]" if required else f" [default: {shown}]" if shown else ""
+        # Typer reads help as rich markup: brackets in a description or a default are text.
+        help_text = escape(only + _merged(texts) + default_shown)
         decls = [f"--{flag}/--no-{flag}"] if cli_type is bool else [f"--{flag}"]
+        # A list is given by repeating the option, one value each time (the hint says so).
+        metavar = "<str>" if cli_type == list[str] else None
         params.append(inspect.Parameter(
             name, inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[cli_type],
-            default=typer.Option(None, *decls, help=help_text, show_default=False)))
+            default=typer.Option(None, *decls, help=help_text, show_default=False, metavar=metavar)))
 
     flags_of = {name: flag for flag, name in flags.items()}
 

@@ -16,6 +16,7 @@ import functools
 import html
 import io
 import json
+import os
 import random
 import sys
 import threading
@@ -26,6 +27,8 @@ from pathlib import Path
 from rich.console import Console
 
 OUT = Path("demo-out")
+# The printed commands work as typed: the venv's entry point, unless the venv is active.
+BIN = "" if os.environ.get("VIRTUAL_ENV") or not Path(".venv/bin/pipelines").exists() else ".venv/bin/"
 
 
 def sample_photos() -> list[tuple[str, "object"]]:
@@ -133,7 +136,9 @@ def main() -> int:
     from pipelines.config import load_config
     from pipelines.errors import PipelineError
     from pipelines.flows import CONFIGS, EndToEndConfig, end_to_end, mlflow_ui_url, summary_table
+    from pipelines.runtime import wide_when_piped
 
+    wide_when_piped()
     console = Console()
     sample_dir = OUT / "sample"
     # The handler looks its folder up per request, so it can serve before the sample exists;
@@ -158,10 +163,33 @@ def main() -> int:
     chat = outcomes.get("finetune", {}).get("result", {}).get("adapter_uri")
     console.print(f"endpoint (up while the demo ran): {deployed.get('url')}/v1, model {deployed.get('model')!r}")
     console.print(f"answer: {deployed.get('answer')!r}")
-    console.print(f"serve it again: pipelines serve --model {lm}" + (f" --adapter {chat}" if chat else ""))
+    drawer = outcomes.get("pretrain-diffusion", {}).get("result", {})
+    image = deployed.get("image")
+    if image:
+        console.print(f"the image model drew {image['prompt']!r} through the same endpoint: a {image['size']} PNG "
+                      f"in {image['ms']} ms")
+    also = f" --also {drawer['model_uri']}" if drawer.get("model_uri") else ""
+    adapter = f" --adapter {chat}" if chat else ""
+    console.print(f"serve them again: {BIN}pipelines serve --model {lm}{adapter}{also}", highlight=False,
+                  soft_wrap=True)
+    if drawer.get("model_uri"):
+        from pipelines.flows import _sample_grid
+
+        grid = _sample_grid(drawer["mlflow_run_id"], drawer["steps"])
+        if grid:
+            (OUT / "samples.png").write_bytes(grid)
+            console.print(f"images the text-to-image model drew for held-out captions: {OUT / 'samples.png'} "
+                          "(32x32 pixels after a few CPU minutes: blurry colour fields, by design)")
+        name = drawer["model_uri"].removeprefix("models:/").split("/")[0]
+        console.print("then ask it for a picture:")
+        console.print("  curl -s http://127.0.0.1:8000/v1/images/generations -H 'Content-Type: application/json' "
+                      f"-d '{{\"model\": \"{name}\", \"prompt\": \"a photo of coffee\"}}' | {BIN}python -c "
+                      "\"import sys, json, base64; sys.stdout.buffer.write(base64.b64decode(json.load(sys.stdin)"
+                      "['data'][0]['b64_json']))\" > coffee.png", highlight=False, soft_wrap=True)
     clip = outcomes.get("pretrain-clip", {}).get("result", {}).get("model_uri")
     if clip:
-        console.print(f"the CLIP model (embeddings, image-caption similarity): pipelines serve --model {clip}")
+        console.print(f"the CLIP model (embeddings, image-caption similarity): {BIN}pipelines serve --model {clip}",
+                      highlight=False, soft_wrap=True)
     console.print(f"browse the Prefect and MLflow records: make ui (Prefect http://127.0.0.1:4200, "
                   f"MLflow {mlflow_ui_url()})")
     console.print("[green]demo finished[/green]")

@@ -72,6 +72,16 @@ DEPLOYMENTS = [
                config="flows/demo.yaml", section="clip", overrides={"data.shards": f"{FLOWS_HOME}/curated/images"}),
     Deployment("finetune", "demo", "LoRA fine-tune demo-lm's champion on the demo's examples; register demo-chat.",
                config="flows/weekly-finetune.yaml"),
+    Deployment("pretrain-autoencoder", "demo", "Pretrain the demo's tiny autoencoder on the curated photos; "
+               "register demo-autoencoder.", config="flows/demo.yaml", section="diffusion.autoencoder",
+               overrides={"data.shards": f"{FLOWS_HOME}/curated/images"}),
+    Deployment("encode", "demo", "Encode the curated photos with demo-autoencoder's champion into latent shards.",
+               overrides={"shards": f"{FLOWS_HOME}/curated/images", "output": f"{FLOWS_HOME}/latents/demo",
+                          "autoencoder": "models:/demo-autoencoder@champion", "batch_size": 64, "quiet": True}),
+    Deployment("pretrain-diffusion", "demo", "Pretrain the demo's tiny text-to-image model on the latents, "
+               "conditioned on demo-clip; register demo-diffusion.", config="flows/demo.yaml",
+               section="diffusion.diffusion", overrides={"data.shards": f"{FLOWS_HOME}/latents/demo",
+                                                         "conditioning.text_encoder": "models:/demo-clip@champion"}),
     Deployment("deploy", "demo", "Serve demo-lm with the demo-chat adapter and send one request.", overrides={
         "model": "models:/demo-lm@champion", "adapter": ["models:/demo-chat@champion"]}),
 ]
@@ -94,7 +104,9 @@ def parameters(deployment: Deployment) -> dict[str, Any]:
     overrides = {tuple(key.split(".")): expand(value) for key, value in deployment.overrides.items()}
     path = CONFIGS / deployment.config if deployment.config else None
     if path and deployment.section:
-        section = yaml.safe_load(path.read_text())[deployment.section]
+        section = yaml.safe_load(path.read_text())
+        for key in deployment.section.split("."):
+            section = section[key]
         overrides = {(key,): value for key, value in section.items()} | overrides
         path = None
     config = load_config(FLOWS[deployment.flow][0], path, overrides)

@@ -19,8 +19,10 @@ workers print also goes to the task run's logs.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import io
 import json
 import os
 import time
@@ -47,8 +49,11 @@ from pipelines.ingest.text import TextCrawlConfig, crawl_text  # noqa: E402
 from pipelines.runtime import code_version, failpoint, filesystem, init_ray, settings, worker_logs_to  # noqa: E402
 from pipelines.serve.config import ServeConfig  # noqa: E402
 from pipelines.shards import MANIFEST, absolute, is_local, read_manifest  # noqa: E402
+from pipelines.train.autoencoder_config import AutoencoderPretrainConfig  # noqa: E402
 from pipelines.train.clip import ClipPretrainConfig  # noqa: E402
 from pipelines.train.config import PretrainConfig  # noqa: E402
+from pipelines.train.diffusion import DiffusionPretrainConfig  # noqa: E402
+from pipelines.train.encode import EncodeConfig  # noqa: E402
 from pipelines.train.finetune import FinetuneConfig  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -63,7 +68,9 @@ class StageIncomplete(RuntimeError):
 STAGE_CODE = {"crawl-images": ("ingest", "flows.py"), "crawl-text": ("ingest", "flows.py"),
               "curate": ("curate", "ingest", "flows.py"), "pretrain": ("train", "flows.py"),
               "pretrain-clip": ("train", "flows.py"),
-              "finetune": ("train", "ingest", "flows.py")}
+              "finetune": ("train", "ingest", "flows.py"),
+              "pretrain-autoencoder": ("train", "flows.py"), "encode": ("train", "flows.py"),
+              "pretrain-diffusion": ("train", "flows.py")}
 
 
 def stage_key(stage: str, inputs: str, config: ConfigModel) -> str:
@@ -281,6 +288,71 @@ def finetune_task(config: FinetuneConfig, inputs: str) -> dict[str, Any]:
     return out | {"base": result.base, "adapter_uri": result.registered.uri if result.registered else None}
 
 
+AUTOENCODER_FIGURES = ("loss", "heldout_psnr", "heldout_l1", "heldout_fd_clip", "scaling_factor")
+DIFFUSION_FIGURES = ("loss", "heldout_fd_clip", "heldout_clip_score")
+
+
+@task(name="pretrain-autoencoder", **STAGE_TASK)
+def pretrain_autoencoder_task(config: AutoencoderPretrainConfig, inputs: str) -> dict[str, Any]:
+    """`pipelines pretrain --kind autoencoder`."""
+    from pipelines.train.autoencoder import pretrain_autoencoder
+
+    result, out = _train("pretrain-autoencoder", pretrain_autoencoder, config, inputs, AUTOENCODER_FIGURES)
+    return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
+
+
+@task(name="encode", **STAGE_TASK)
+def encode_task(config: EncodeConfig, inputs: str) -> dict[str, Any]:
+    """`pipelines encode`: image shards -> latent shards."""
+    from pipelines.train.encode import encode
+
+    failpoint("encode")
+    with _logs_to_run():
+        result = encode(config)
+    if not result.ok:
+        raise StageIncomplete(f"{len(result.failed_shards)} shard(s) of {config.output} failed "
+                              f"({next(iter(result.failed_shards.values()))}); a rerun resumes them")
+    m = result.manifest
+    create_table_artifact(key="encode", description=f"encode: latent shards of {config.shards} in {config.output}",
+                          table=[{"figure": k, "value": v} for k, v in (
+                              ("samples", m["samples"]), ("shards", len(m["shards"])),
+                              ("autoencoder", (m.get("autoencoder") or {}).get("uri")),
+                              ("samples left out", result.rejected), ("seconds", round(result.elapsed_s, 1)))])
+    return {"output": config.output, "digest": m["digest"], "samples": m["samples"],
+            "autoencoder": (m.get("autoencoder") or {}).get("uri")}
+
+
+@task(name="pretrain-diffusion", **STAGE_TASK)
+def pretrain_diffusion_task(config: DiffusionPretrainConfig, inputs: str) -> dict[str, Any]:
+    """`pipelines pretrain --kind diffusion`; the final sample grid becomes an artifact too."""
+    from pipelines.train.diffusion import pretrain_diffusion
+
+    result, out = _train("pretrain-diffusion", pretrain_diffusion, config, inputs, DIFFUSION_FIGURES)
+    grid = _sample_grid(result.mlflow_run_id, result.steps)
+    if grid:
+        create_markdown_artifact(key="pretrain-diffusion-samples", description=(
+            "pretrain-diffusion: images generated for held-out captions at the last step"),
+            markdown=f"![samples at step {result.steps}](data:image/png;base64,{base64.b64encode(grid).decode()})\n\n"
+                     f"FD-CLIP {out.get('heldout_fd_clip')}, CLIP score {out.get('heldout_clip_score')}")
+    return out | {"model_dir": result.model_dir, "model_uri": result.registered.uri if result.registered else None}
+
+
+def _sample_grid(run_id: str, step: int) -> bytes | None:
+    """The PNG grid the diffusion run logged for `step` (`samples/step-NNNNNNN.png`), or None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.train.registry import configure_tracking
+
+    configure_tracking()
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"samples/step-{step:07d}.png")
+    except (MlflowException, OSError) as exc:
+        get_run_logger().warning("no sample grid for step %d of run %s (%s)", step, run_id, exc)
+        return None
+    return Path(path).read_bytes()
+
+
 @task(name="deploy", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 def deploy_task(config: ServeConfig) -> str:
     """`pipelines serve`, returning once the endpoint answers."""
@@ -310,6 +382,28 @@ def smoke_task(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, 
     create_markdown_artifact(key="smoke-request", description="one request through the endpoint",
                              markdown=f"**{model}**\n\n> {prompt}\n\n{answer}")
     return {"model": model, "prompt": prompt, "answer": answer, "tokens": body["usage"]["completion_tokens"],
+            "ms": round(1000 * (time.perf_counter() - started))}
+
+
+@task(name="smoke-image", retries=2, retry_delay_seconds=5)
+def smoke_image_task(url: str, model: str, prompt: str) -> dict[str, Any]:
+    """One picture through the endpoint's Images API, as an application would ask for it (few steps: it
+    checks the served model draws, not how well)."""
+    import httpx
+    from PIL import Image
+
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/v1/images/generations", timeout=120, json={
+        "model": model, "prompt": prompt, "n": 1, "response_format": "b64_json", "seed": 0,
+        "num_inference_steps": 8})
+    response.raise_for_status()
+    png = base64.b64decode(response.json()["data"][0]["b64_json"])
+    width, height = Image.open(io.BytesIO(png)).size
+    get_run_logger().info("%s drew %r: a %dx%d PNG", model, prompt, width, height)
+    create_markdown_artifact(key="smoke-image", description="one picture through the endpoint",
+                             markdown=f"**{model}**\n\n> {prompt}\n\n![{prompt}](data:image/png;base64,"
+                                      f"{base64.b64encode(png).decode()})")
+    return {"model": model, "prompt": prompt, "size": f"{width}x{height}", "png_bytes": len(png),
             "ms": round(1000 * (time.perf_counter() - started))}
 
 
@@ -426,6 +520,67 @@ def pretrain_clip_flow(config: ClipPretrainConfig) -> dict[str, Any]:
     return _pretraining("pretrain-clip", pretrain_clip_task, config)
 
 
+@flow(name="pretrain-autoencoder", log_prints=True)
+@_flow_logs
+def pretrain_autoencoder_flow(config: AutoencoderPretrainConfig) -> dict[str, Any]:
+    """Pretrain an image autoencoder (KL + patch GAN) on (curated) image shards; register it in MLflow."""
+    return _pretraining("pretrain-autoencoder", pretrain_autoencoder_task, config)
+
+
+@flow(name="encode", log_prints=True)
+@_flow_logs
+def encode_flow(config: EncodeConfig) -> dict[str, Any]:
+    """Encode image shards with a registered autoencoder into latent shards (what diffusion trains on)."""
+    init_ray()
+    config, inputs = _pinned_encode(config)
+    return _outcome("encode", *Stage(encode_task, config, inputs, _shards_still_there).settle())
+
+
+def _pinned(uri: str | None) -> str | None:
+    """A registered model's alias pinned to its version (an alias moving is a new input); others as given."""
+    from pipelines.train.registry import configure_tracking, resolve_version
+
+    if not uri or not uri.startswith("models:/"):
+        return uri
+    configure_tracking()
+    name, version = resolve_version(uri)
+    return f"models:/{name}/{version}"
+
+
+def _model_input(uri: str | None) -> str:
+    """What a stage's output depends on of a model it reads: its pinned version, or a folder's content."""
+    if not uri:
+        return "-"
+    return uri if uri.startswith("models:/") else f"{uri} {content_digest(uri)}"
+
+
+def _pinned_encode(config: EncodeConfig) -> tuple[EncodeConfig, str]:
+    config = config.model_copy(update={"autoencoder": _pinned(config.autoencoder), "clip": _pinned(config.clip)})
+    return config, " ".join([content_digest(config.shards), _model_input(config.autoencoder),
+                             _model_input(config.clip)])
+
+
+@flow(name="pretrain-diffusion", log_prints=True)
+@_flow_logs
+def pretrain_diffusion_flow(config: DiffusionPretrainConfig) -> dict[str, Any]:
+    """Pretrain a text-to-image latent diffusion model on latent (or image) shards, conditioned on a registered
+    CLIP's text tower; register it in MLflow with its samples."""
+    if not config.data.shards:
+        raise PipelineError("pretrain-diffusion: set data.shards")
+    init_ray()
+    config, inputs = _pinned_diffusion(config)
+    return _outcome("pretrain-diffusion", *Stage(pretrain_diffusion_task, config, inputs,
+                                                 _model_still_there("model_uri")).settle())
+
+
+def _pinned_diffusion(config: DiffusionPretrainConfig) -> tuple[DiffusionPretrainConfig, str]:
+    config = config.model_copy(deep=True)
+    config.conditioning.text_encoder = _pinned(config.conditioning.text_encoder) or ""
+    config.conditioning.autoencoder = _pinned(config.conditioning.autoencoder)
+    return config, " ".join([content_digest(config.data.shards or ""), _model_input(config.conditioning.text_encoder),
+                             _model_input(config.conditioning.autoencoder)])
+
+
 @flow(name="finetune", log_prints=True)
 @_flow_logs
 def finetune_flow(config: FinetuneConfig) -> dict[str, Any]:
@@ -488,7 +643,28 @@ class DeployStage(ConfigModel):
     host: str = "127.0.0.1"
     prompt: str = Field("What is Ray?", description="The smoke request's question.")
     max_tokens: int = Field(48, ge=1)
+    image_prompt: str = Field("a photo of coffee", description=(
+        "The image model's smoke request (when the run has a `diffusion:` section)."))
     keep_serving: bool = Field(False, description="Keep the endpoint up after the summary, until Ctrl-C.")
+
+
+class EncodeStage(ConfigModel):
+    """How the end-to-end flow encodes the (curated) photos for diffusion."""
+
+    image_size: int | None = Field(None, gt=0, description=(
+        "Square images fed to the autoencoder, in pixels (default: its config's sample_size)."))
+    batch_size: int = Field(32, gt=0, description="Images per autoencoder call.")
+    text_states: bool = Field(False, description=(
+        "Also store the CLIP text tower's per-token states of each caption beside each latent."))
+
+
+class DiffusionStage(ConfigModel):
+    """Text-to-image after the CLIP model: an autoencoder trained on the (curated) photos, their latents, and a
+    diffusion model trained on them, conditioned on this run's CLIP text tower."""
+
+    autoencoder: AutoencoderPretrainConfig = AutoencoderPretrainConfig()
+    encode: EncodeStage = EncodeStage()
+    diffusion: DiffusionPretrainConfig = DiffusionPretrainConfig()
 
 
 class EndToEndConfig(ConfigModel):
@@ -504,6 +680,8 @@ class EndToEndConfig(ConfigModel):
     finetune: FinetuneConfig = FinetuneConfig()
     clip: ClipPretrainConfig | None = Field(None, description=(
         "A CLIP model to pretrain on the (curated) images after the language model; none: no CLIP model."))
+    diffusion: DiffusionStage | None = Field(None, description=(
+        "Text-to-image after the CLIP model: autoencoder -> latents -> diffusion model; none: no image model."))
     deploy: DeployStage = DeployStage()
 
 
@@ -531,8 +709,8 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
         raise PipelineError("end-to-end: give images.input and/or text.input")
     if config.until != "curate" and not (config.text.input and config.text.curate):
         raise PipelineError("end-to-end: training needs text.input and text.curate")
-    if config.until != "curate" and config.clip and not config.images.input:
-        raise PipelineError("end-to-end: the CLIP model trains on images: give images.input")
+    if config.until != "curate" and (config.clip or config.diffusion) and not config.images.input:
+        raise PipelineError("end-to-end: the CLIP and image models train on images: give images.input")
     serve = None
     if config.until == "deploy":
         serve = ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port)
@@ -594,8 +772,13 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
             clip_training = Stage(pretrain_clip_task, clip, images["digest"], _model_still_there("model_uri"),
                                   config.refresh, wait_for=[upstream.future, pretraining.future])
             outcomes["pretrain-clip"] = _outcome("pretrain-clip", *clip_training.settle())
+        if config.diffusion:
+            _image_model(config, outcomes, workdir, upstream=[(curations.get("images") or crawls["images"]).future,
+                                                              (clip_training if config.clip else pretraining).future])
         if serve is not None and base_uri:
-            serve = serve.model_copy(update={"model": base_uri, "adapter": [adapter_uri] if adapter_uri else []})
+            drawer = outcomes.get("pretrain-diffusion", {}).get("result", {}).get("model_uri")
+            serve = serve.model_copy(update={"model": base_uri, "adapter": [adapter_uri] if adapter_uri else [],
+                                             "also": [drawer] if drawer else []})
             url = deploy_task(serve)
             served = base_uri.removeprefix("models:/").split("/")[0]
             if adapter_uri:
@@ -603,8 +786,43 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
             smoke = smoke_task(url, served, config.deploy.prompt, config.deploy.max_tokens)
             outcomes["deploy"] = {"stage": "deploy", "state": "Completed", "cached": False, "runs": 1,
                                   "result": {"url": url, "model": served, **smoke}}
+            if drawer:
+                outcomes["deploy"]["result"]["image"] = smoke_image_task(
+                    url, drawer.removeprefix("models:/").split("/")[0], config.deploy.image_prompt)
     log.info("end-to-end: %s", ", ".join(f"{k} {v['state']}" for k, v in outcomes.items()))
     return outcomes
+
+
+def _image_model(config: EndToEndConfig, outcomes: dict[str, dict[str, Any]], workdir: str,
+                 upstream: list[Any]) -> None:
+    """autoencoder -> encode -> diffusion on the (curated) photos, after the CLIP model (the same CPUs)."""
+    section = config.diffusion
+    assert section is not None
+    images = outcomes.get("curate-images", outcomes["crawl-images"])["result"]
+    shards = absolute(images["output"])
+    ae = section.autoencoder.model_copy(deep=True)
+    ae.data.shards = shards
+    ae_training = Stage(pretrain_autoencoder_task, ae, images["digest"], _model_still_there("model_uri"),
+                        config.refresh, wait_for=upstream)
+    outcomes["pretrain-autoencoder"] = _outcome("pretrain-autoencoder", *ae_training.settle())
+    clip_uri = outcomes.get("pretrain-clip", {}).get("result", {}).get("model_uri")
+    text_encoder = clip_uri or section.diffusion.conditioning.text_encoder
+    encoding = EncodeConfig(shards=shards, output="", autoencoder=outcomes["pretrain-autoencoder"]["result"][
+        "model_uri"], clip=text_encoder if section.encode.text_states else None,
+        image_size=section.encode.image_size, batch_size=section.encode.batch_size, quiet=True)
+    encoding, inputs = _pinned_encode(encoding)
+    # One folder per input: a new autoencoder version writes new latents instead of being refused.
+    encoding.output = f"{workdir}/latents/{stage_key('encode', inputs, encoding)[-12:]}"
+    encoded = Stage(encode_task, encoding, inputs, _shards_still_there, config.refresh, wait_for=[ae_training.future])
+    outcomes["encode"] = _outcome("encode", *encoded.settle())
+    diffusion = section.diffusion.model_copy(deep=True)
+    diffusion.data.shards = absolute(outcomes["encode"]["result"]["output"])
+    diffusion.conditioning.text_encoder = text_encoder
+    diffusion.conditioning.autoencoder = None  # the one the latents were encoded with
+    diffusion, inputs = _pinned_diffusion(diffusion)
+    training = Stage(pretrain_diffusion_task, diffusion, inputs, _model_still_there("model_uri"), config.refresh,
+                     wait_for=[encoded.future])
+    outcomes["pretrain-diffusion"] = _outcome("pretrain-diffusion", *training.settle())
 
 
 # -- the summary -----------------------------------------------------------------------------------
@@ -613,6 +831,8 @@ FLOWS: dict[str, tuple[type[ConfigModel], Any]] = {
     "curate": (CurateConfig, curate_flow), "pretrain": (PretrainConfig, pretrain_flow),
     "pretrain-clip": (ClipPretrainConfig, pretrain_clip_flow),
     "finetune": (FinetuneConfig, finetune_flow), "deploy": (ServeConfig, deploy_flow),
+    "pretrain-autoencoder": (AutoencoderPretrainConfig, pretrain_autoencoder_flow),
+    "encode": (EncodeConfig, encode_flow), "pretrain-diffusion": (DiffusionPretrainConfig, pretrain_diffusion_flow),
 }
 
 
@@ -633,9 +853,22 @@ def _facts(stage: str, r: dict[str, Any]) -> str:
     if stage == "finetune":
         return (f"{r['steps']} steps on {r['base']}, held-out loss {r['heldout_loss_before']:.3f} -> "
                 f"{r['heldout_loss']:.3f}; {r['adapter_uri']}{' (champion)' if r['champion'] else ''}")
+    if stage == "pretrain-autoencoder":
+        return (f"{r['steps']} steps, held-out PSNR {_num(r.get('heldout_psnr'), '.1f')} dB, scaling factor "
+                f"{_num(r.get('scaling_factor'), '.3f')}; {r['model_uri']}{' (champion)' if r['champion'] else ''}")
+    if stage == "encode":
+        return f"{r['samples']} latents in {r['output']} (autoencoder {r['autoencoder']})"
+    if stage == "pretrain-diffusion":
+        return (f"{r['steps']} steps, loss {_num(r.get('loss'), '.3f')}, held-out FD-CLIP "
+                f"{_num(r.get('heldout_fd_clip'), '.3f')}, CLIP score {_num(r.get('heldout_clip_score'), '.3f')}; "
+                f"{r['model_uri']}{' (champion)' if r['champion'] else ''}")
     if stage == "deploy":
         return f"{r['url']}/v1 serving {r['model']}: {r['prompt']!r} -> {r['answer']!r} ({r['ms']} ms)"
     return json.dumps(r)[:200]
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "?" if value is None else format(value, spec)
 
 
 def summary_table(outcomes: dict[str, dict[str, Any]], title: str = "end-to-end") -> Any:

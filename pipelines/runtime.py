@@ -148,6 +148,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # Ray enables token auth on a local cluster by default and warns about it at every start.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # The local autoscaler's monitor writes the whole cluster status to its log every 5 s, which Ray
+        # streams to the driver (`ray status` shows the same on demand); its events still come through.
+        os.environ.setdefault("RAY_ENABLE_CLUSTER_STATUS_LOG", "0")
         # "local": always a fresh in-process Ray, never a cluster someone else started on this machine.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     _filter_worker_logs()
@@ -171,13 +174,14 @@ def _filter_worker_logs() -> None:
     so this wraps its forwarding handler; if Ray's internals change, logs simply pass unfiltered."""
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import filter_autoscaler_events
     except ImportError:
         return
     with dispatcher._lock:
         handlers = []
         for name, handler in dispatcher.handlers:
             if name == "ray_print_logs" and not getattr(handler, "_pipelines_filtered", False):
-                handler = _filtered(handler)
+                handler = _filtered(handler, filter_autoscaler_events)
             handlers.append((name, handler))
         dispatcher.handlers = handlers
 
@@ -197,18 +201,24 @@ def worker_logs_to(sink: Callable[[str], None]) -> Iterator[None]:
         _log_sinks.remove(sink)
 
 
-def _filtered(handler: Any) -> Any:
+def _filtered(handler: Any, autoscaler_events: Callable[[list[str]], Iterator[str]]) -> Any:
     def forward(data: dict) -> None:
         if data.get("actor_name") == "PlacementGroupCleaner":  # all it says is that it lacks the state API
             return
         lines = [line for line in data.get("lines", []) if not _NOISE.search(line)]
         sinks = list(_log_sinks)
         if lines and not sinks:
-            handler({**data, "lines": lines})
+            handler({**data, "lines": lines})  # Ray's printer keeps only the autoscaler's events itself
         elif lines:  # a sink that logs also prints: once is enough
-            who = data.get("actor_name") or data.get("task_name") or "worker"
+            pid = data.get("pid")
+            if pid == "autoscaler":  # its whole log streams here; as Ray's printer does, pass only its events
+                lines, who = list(autoscaler_events(lines)), "autoscaler"
+            elif pid == "raylet":
+                who = "raylet"
+            else:
+                who = f"{data.get('actor_name') or data.get('task_name') or 'worker'} pid={pid}"
             for line in lines:
-                sinks[-1](f"({who} pid={data.get('pid')}) {line}")
+                sinks[-1](f"({who}) {line}")
 
     forward._pipelines_filtered = True  # type: ignore[attr-defined]
     return forward
@@ -225,3 +235,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a local path or any fsspec URL (`s3://...`)."""
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+def wide_when_piped() -> None:
+    """Output that is not a terminal (a file, a pipe, the Prefect logs) has no width to wrap to, and rich would
+    fold table cells, paths included, at its default 80 columns: give it room (COLUMNS, which rich reads) unless
+    the user set a width."""
+    import sys
+
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        os.environ["COLUMNS"] = "1000"

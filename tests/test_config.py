@@ -254,8 +254,8 @@ def test_help_of_a_command_with_kinds_names_what_belongs_to_which(kinds_app):
     assert helps["--steps"] == "Steps. [default: lm: 10; clip: 20]"
     assert helps["--seq-len"].startswith("(lm only) Tokens per sequence.")
     assert helps["--image-size"].startswith("(clip only) Pixels.")
-    assert helps["--preset"].startswith("lm: LM size. one of: tiny, 125m; clip: Tower sizes. one of: tiny, base")
-    assert helps["--kind"] == "What to train. one of: lm, clip [default: 'lm']"
+    assert helps["--preset"].startswith("lm: LM size. One of: tiny, 125m; clip: Tower sizes. One of: tiny, base")
+    assert helps["--kind"] == "What to train. One of: lm, clip [default: lm]"
 
 
 def test_pipelines_pretrain_runs_the_shipped_clip_config_as_a_clip_model():

@@ -38,65 +38,16 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from protego import Protego
-from pydantic import Field, field_validator
 from yarl import URL
 
-from pipelines import __version__
-from pipelines.config import ConfigModel
+from pipelines.ingest.config import DEFAULT_USER_AGENT, FETCH_RUN_OPTIONS, USER_AGENT_TOKEN, FetchConfig  # noqa: F401
 
-USER_AGENT_TOKEN = "pipelines-crawler"
-DEFAULT_USER_AGENT = (f"{USER_AGENT_TOKEN}/{__version__} (research dataset crawler; "
-                      "obeys robots.txt and X-Robots-Tag noai/noimageai)")
 REDIRECT_CODES = {301, 302, 303, 307, 308}
 ROBOTS_MAX_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parse at least 500 KiB
 ROBOTS_TTL_S = 24 * 3600
 # robots.txt rules per (origin, user agent), kept across the shard tasks a worker process runs.
 _ROBOTS_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}
-
-
-class FetchConfig(ConfigModel):
-    user_agent: str = Field(DEFAULT_USER_AGENT, description="User-Agent header; robots.txt rules are matched on it.")
-    timeout: float = Field(10.0, gt=0, description="Hard deadline in seconds for one attempt, redirects included.")
-    max_bytes: int = Field(16 * 2**20, gt=0, description="Largest body accepted; longer downloads are aborted.")
-    max_redirects: int = Field(5, ge=0, description="Redirects followed per request, each re-checked.")
-    retries: int = Field(2, ge=0, description="Extra attempts after a transient failure (timeout, 5xx, 429, reset).")
-    backoff: float = Field(0.5, ge=0, description="Base of the exponential backoff in seconds (with jitter).")
-    max_retry_after: float = Field(60.0, ge=0, description="Longest Retry-After honoured; a longer one fails the row.")
-    max_crawl_delay: float = Field(10.0, ge=0, description=(
-        "Longest robots.txt Crawl-delay honoured; the URLs of a host asking for more are skipped "
-        "(skipped_robots, retryable)."))
-    max_host_wait: float = Field(60.0, ge=0, description=(
-        "Longest a request queues for its turn at a host whose Crawl-delay spaces requests; requests "
-        "that would wait longer fail (retryable) and free their place for other hosts."))
-    concurrency: int = Field(64, gt=0, description="Concurrent requests per worker.")
-    per_host_concurrency: int = Field(16, gt=0, description="Concurrent requests per host per worker.")
-    per_host_rate: float | None = Field(None, gt=0, description="Requests per second per host per worker (none: unlimited).")
-    respect_robots: bool = Field(True, description="Fetch and obey robots.txt.")
-    respect_opt_out: bool = Field(True, description="Obey X-Robots-Tag opt-out directives.")
-    opt_out_directives: list[str] = Field(["noai", "noimageai", "noindex", "noimageindex"],
-                                          description="X-Robots-Tag directives that skip a URL.")
-    allow_private_network: bool = Field(False, description=(
-        "Allow URLs resolving to private, loopback or link-local addresses (tests, intranets)."))
-    allowed_networks: list[str] = Field([], description=(
-        "Non-public networks (CIDR, e.g. 10.20.0.0/16) the crawl may still reach while the others "
-        "stay refused; allow_private_network allows them all."))
-
-    @field_validator("allowed_networks")
-    @classmethod
-    def _networks_parse(cls, value: list[str]) -> list[str]:
-        for net in value:
-            try:
-                ipaddress.ip_network(net)
-            except ValueError as exc:
-                raise ValueError(f"allowed_networks: {exc}") from None
-        return value
-
-
-# Fetch settings that change how fast or how hard a crawl runs, not which rows may become samples
-# (robots, opt-out, byte cap and address rules do decide that, so they stay in config digests).
-FETCH_RUN_OPTIONS = {"user_agent", "timeout", "retries", "backoff", "max_retry_after", "max_crawl_delay",
-                     "max_host_wait", "concurrency", "per_host_concurrency", "per_host_rate"}
 
 
 @dataclass

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Literal
 
 import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile
-from pydantic import Field
 
-from pipelines.config import ConfigModel
-
-ResizeMode = Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
+from pipelines.ingest.config import ImageConfig, ResizeMode  # noqa: F401
 
 cv2.setNumThreads(1)  # parallelism comes from the caller's thread pool, one image per thread
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -56,22 +52,6 @@ def _has_jpeg_end(data: bytes) -> bool:
         else:
             i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return False
-
-
-class ImageConfig(ConfigModel):
-    image_size: int = Field(256, gt=0, description="Target size in pixels (meaning depends on the resize mode).")
-    resize_mode: ResizeMode = Field("keep_ratio", description=(
-        "no: keep as is; keep_ratio: smallest side to image_size; keep_ratio_largest: largest side to "
-        "image_size; center_crop: smallest side to image_size then a centred square crop; border: largest "
-        "side to image_size then padded to a square with white."))
-    resize_only_if_bigger: bool = Field(False, description="Never upscale small images.")
-    min_image_size: int = Field(0, ge=0, description="Filter images whose smaller side is below this.")
-    max_image_area: float | None = Field(None, gt=0, description="Filter images with more pixels than this.")
-    max_aspect_ratio: float | None = Field(None, ge=1, description="Filter images whose long/short side ratio exceeds this.")
-    output_format: Literal["jpg", "webp", "png"] = Field("jpg", description="Encoding of the stored image.")
-    encode_quality: int = Field(95, ge=0, le=100, description="JPEG/WebP quality (PNG: compression 0-9).")
-    max_decode_pixels: int = Field(89_478_485, gt=0, description=(
-        "Decompression-bomb limit: images declaring more pixels are refused before decoding."))
 
 
 class ImageError(Exception):

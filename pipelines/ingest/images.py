@@ -7,15 +7,14 @@ import hashlib
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
-from pydantic import Field
 
-from pipelines.config import ConfigModel
+from pipelines.ingest.config import ImageCrawlConfig
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
-from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
-from pipelines.ingest.imageproc import ImageConfig, ImageError, ImageProcessor
+from pipelines.ingest.fetch import Fetcher
+from pipelines.ingest.imageproc import ImageError, ImageProcessor
 from pipelines.ingest.reader import InputReader, Row
 from pipelines.ingest.rows import InvalidRow, stored_row, text_of
 from pipelines.ingest.shards import metadata_table, shard_stats
@@ -32,31 +31,6 @@ METADATA_SCHEMA = pa.schema([
 STATUSES = ("success", "failed_to_download", "not_an_image", "failed_to_decode", "too_large", "filtered",
             "skipped_robots", "skipped_opt_out", "skipped_private_network", "invalid_url", "invalid_row",
             "missing_caption")
-
-
-class ImageCrawlConfig(ConfigModel):
-    input: str = Field(description="URL list: jsonl/csv/tsv/parquet/txt file or folder, local or fsspec URL.")
-    output: str = Field(description="Output folder (local or fsspec URL).")
-    input_format: Literal["jsonl", "csv", "tsv", "parquet", "txt"] | None = Field(
-        None, description="Input format (default: from the file extension).")
-    url_col: str = Field("url", description="Column holding the image URL.")
-    caption_col: str | None = Field("caption", description="Column holding the caption ('' for none).")
-    require_caption: bool = Field(False, description="Record rows with an empty caption as failed.")
-    save_additional_columns: bool = Field(True, description="Carry other input columns into the metadata.")
-    shard_size: int = Field(1000, gt=0, description="Input rows per shard.")
-    image: ImageConfig = ImageConfig()
-    fetch: FetchConfig = FetchConfig()
-    decode_threads: int = Field(2, gt=0, description="Decode/resize threads per shard task.")
-    max_in_flight: int | None = Field(None, gt=0, description="Shard tasks queued at once (default 2 x cluster CPUs).")
-    task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard whose worker died.")
-    retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
-    overwrite: bool = Field(False, description=(
-        "Start over: remove the shards already in the output (else a rerun resumes, and refuses an output "
-        "made from another input or with other settings)."))
-    quiet: bool = Field(False, description="No progress bar or summary.")
-
-    run_options = {"output": True, "fetch": FETCH_RUN_OPTIONS, "decode_threads": True, "max_in_flight": True,
-                   "task_retries": True, "retry_failed": True, "overwrite": True, "quiet": True}
 
 
 def crawl_images(config: ImageCrawlConfig) -> CrawlResult:

@@ -14,17 +14,16 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import trafilatura
 from lxml.html import HtmlElement
-from pydantic import Field
 from trafilatura.settings import set_date_params
 
-from pipelines.config import ConfigModel
+from pipelines.ingest.config import TextCrawlConfig, TextExtractionConfig
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
-from pipelines.ingest.fetch import FETCH_RUN_OPTIONS, FetchConfig, Fetcher
+from pipelines.ingest.fetch import Fetcher
 from pipelines.ingest.reader import InputReader, Row
 from pipelines.ingest.rows import InvalidRow, stored_row, text_of, valid_text
 from pipelines.ingest.shards import metadata_table, shard_stats
@@ -50,42 +49,6 @@ DECLARED_LANGUAGE = ("/html/@lang | /html/@xml:lang"
                      " | //meta[translate(@http-equiv, 'CONTENT-LANGUAGE', 'content-language')"
                      " = 'content-language']/@content"
                      " | //meta[@property='og:locale']/@content")
-
-
-class TextExtractionConfig(ConfigModel):
-    favor_precision: bool = Field(False, description="Extract less text, with less boilerplate.")
-    favor_recall: bool = Field(False, description="Extract more text, at the risk of boilerplate.")
-    include_comments: bool = Field(False, description="Keep a page's comment section in the text.")
-    include_tables: bool = Field(True, description="Keep the text of tables.")
-
-
-class TextCrawlConfig(ConfigModel):
-    input: str = Field(description="Corpus or URL list: jsonl/csv/tsv/parquet/txt file or folder, local or fsspec URL.")
-    output: str = Field(description="Output folder (local or fsspec URL).")
-    input_format: Literal["jsonl", "csv", "tsv", "parquet", "txt"] | None = Field(
-        None, description="Input format (default: from the file extension). txt: one document or URL per line.")
-    source: Literal["files", "urls"] = Field(
-        "files", description="files: documents are in the input; urls: the input lists web pages to fetch.")
-    text_col: str = Field("text", description="Column holding the document text (source=files).")
-    id_col: str | None = Field("id", description=(
-        "Column holding the document id, kept as `id` ('' for none). If left at its default, an input "
-        "without it just has no ids; if set, it must exist."))
-    url_col: str = Field("url", description="Column holding the page URL (source=urls; kept as `url` for files).")
-    min_chars: int = Field(1, ge=1, description="Shortest text kept; shorter texts are recorded as `filtered`.")
-    save_additional_columns: bool = Field(True, description="Carry other input columns into the metadata.")
-    shard_size: int = Field(1000, gt=0, description="Input rows per shard.")
-    extraction: TextExtractionConfig = TextExtractionConfig()
-    fetch: FetchConfig = FetchConfig()
-    max_in_flight: int | None = Field(None, gt=0, description="Shard tasks queued at once (default 2 x cluster CPUs).")
-    task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard whose worker died.")
-    retry_failed: bool = Field(False, description="Refetch rows of finished shards whose failure was transient.")
-    overwrite: bool = Field(False, description=(
-        "Start over: remove the shards already in the output (else a rerun resumes, and refuses an output "
-        "made from another input or with other settings)."))
-    quiet: bool = Field(False, description="No progress bar or summary.")
-
-    run_options = {"output": True, "fetch": FETCH_RUN_OPTIONS, "max_in_flight": True,
-                   "task_retries": True, "retry_failed": True, "overwrite": True, "quiet": True}
 
 
 def crawl_text(config: TextCrawlConfig) -> CrawlResult:

@@ -20,8 +20,8 @@ class AutoscaleConfig(ConfigModel):
     """Ray Serve autoscaling, used when `autoscale` is on (else `replicas` fixed replicas)."""
 
     autoscale: bool = Field(False, description="Scale replicas with load between min and max.")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(4, ge=1)
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas autoscaling keeps (0: none while idle).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas autoscaling starts.")
     target_ongoing_requests: float = Field(
         4.0, gt=0, description="Requests in flight per replica that autoscaling aims for.")
 
@@ -63,7 +63,8 @@ class AccessConfig(ConfigModel):
         False, description=f"Refuse to start without a key (from {API_KEYS_ENV}, api_keys_file or api_keys). "
         "--emit-config turns it on when keys are given.")
     rate_limit: int | None = Field(
-        None, ge=1, description="Requests per key (per client address without keys) per minute, per replica.")
+        None, ge=1, description="Requests per key (per client address without keys) per minute, per replica "
+        "(default: no limit).")
 
     def resolve_keys(self) -> list[str]:
         """Every key from `api_keys`, `PIPELINES_API_KEYS` (comma, space or newline separated) and the file."""
@@ -121,8 +122,9 @@ class ServeConfig(ConfigModel):
     adapter: list[str] = Field(
         default_factory=list, description="LoRA adapters to serve (models:/ADAPTER@ALIAS), requested as model "
         "NAME:ADAPTER.")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the endpoint listens on (0.0.0.0: every interface).")
+    port: int = Field(8000, ge=1, le=65535, description=(
+        "Port of the endpoint (under direct ingress, replicas take this port and the ones after it)."))
     ingress: Literal["auto", "direct", "proxy"] = Field(
         "auto", description="direct: each replica answers HTTP itself (Serve's direct ingress, no proxy hop); "
         "proxy: Serve's HTTP proxy in front; auto: direct for one fixed replica, else proxy.")

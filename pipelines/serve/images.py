@@ -16,6 +16,9 @@ requests) and fills in each one's PNG.
   when it ends, and when every picture of a loop is cancelled the loop stops at its next step (diffusers'
   `interrupt`). A loop that still has live pictures runs on: its tensors are batched.
 - A picture fails alone: a loop that fails is run again picture by picture.
+- LoRA adapters of the denoiser (`pipelines finetune` on a diffusion base) load by name through diffusers' LoRA
+  support; a picture names its adapter (or none: the base), and pictures of different adapters run in different
+  loops (a UNet call applies one set of adapters to the whole batch).
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipelines.errors import PipelineError
+from pipelines.serve.engine import AdapterError
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +55,16 @@ class Picture:
     guidance: float
     seed: int
     negative_prompt: str = ""
+    adapter: str | None = None  # a name given to ImageEngine.load_adapter; None: the base model
     cancelled: bool = False  # set when the client went away
     # results
     png: bytes | None = None
     error: Exception | None = None
 
     @property
-    def loop(self) -> tuple[int, int, int, float]:
+    def loop(self) -> tuple[int, int, int, float, str]:
         """What pictures must share to run in one denoising loop."""
-        return self.width, self.height, self.steps, self.guidance
+        return self.width, self.height, self.steps, self.guidance, self.adapter or ""
 
 
 def picture_seed(seed: int | None, index: int) -> int:
@@ -81,6 +89,7 @@ class ImageEngine:
         # The size it was trained at: a UNet of this kind draws other sizes badly, if at all.
         self.width, self.height = latent_w * pipe.vae_scale_factor, latent_h * pipe.vae_scale_factor
         self._lock = threading.Lock()  # one model call at a time, as for TextEngine
+        self.adapters: set[str] = set()
 
     @property
     def label(self) -> str:
@@ -90,6 +99,39 @@ class ImageEngine:
     def sizes(self) -> list[str]:
         """The sizes this model draws, as OpenAI writes them ("WxH")."""
         return [f"{self.width}x{self.height}"]
+
+    # -- adapters ------------------------------------------------------------------------------
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Load the LoRA folder of the denoiser (`pipelines finetune` on a diffusion base) under `name`
+        (pictures then pick it by `Picture.adapter`)."""
+        from pipelines.train.diffusion_lora import load_diffusion_adapter
+
+        with self._lock:
+            if name in self.adapters:
+                return
+            try:
+                load_diffusion_adapter(self.pipe, str(folder), adapter_name=name)
+            except (PipelineError, ValueError, OSError, KeyError, RuntimeError) as e:
+                raise AdapterError(f"{folder}: cannot load as a LoRA adapter of {self.label} ({e})") from None
+            self.adapters.add(name)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._lock:
+            if name in self.adapters:
+                self.adapters.discard(name)
+                self.pipe.unet.delete_adapters(name)
+
+    def _use(self, adapter: str | None) -> None:
+        """Make the denoiser the base (None) or the base with `adapter`, before a loop (under the lock)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise AdapterError(f"adapter {adapter} not loaded on {self.label}")
+        if not self.adapters:  # no LoRA layers in the UNet at all
+            return
+        if adapter is None:
+            self.pipe.unet.disable_lora()
+        else:
+            self.pipe.unet.enable_lora()
+            self.pipe.unet.set_adapters([adapter])
 
     def draw(self, pictures: Sequence[Picture]) -> None:
         """Draw every picture that is not cancelled (each one's `png` or `error` is filled in place); one
@@ -124,7 +166,8 @@ class ImageEngine:
     def _draw(self, group: list[Picture]) -> list[tuple[Picture, Any]]:
         """One denoising loop for `group` (same loop settings); the decoded PIL images of its live pictures."""
         pipe = self.pipe
-        width, height, steps, guidance = group[0].loop
+        width, height, steps, guidance, _ = group[0].loop
+        self._use(group[0].adapter)
         shape = (self.latent_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(p.seed)) for p in group])
 

@@ -5,8 +5,16 @@ the benchmark also mounts it on plain uvicorn). A server may serve several base 
 `model` picks one. Routes:
 
 - `GET  /v1/models`            every base model, and `NAME:ADAPTER` for each adapter of that base
-- `POST /v1/completions`       prompt (text, texts or token ids) -> text; `stream: true` for SSE
-- `POST /v1/chat/completions`  messages -> the assistant's reply; `stream: true` for SSE
+- `GET  /v1/models/{id}`       one of them (404 if not served)
+- `POST /v1/completions`       prompt (text, texts or token ids) -> text; `stream: true` for SSE; `logprobs`
+                               (0-5 most likely per token), `echo` (with logprobs: the prompt's, the first null),
+                               `max_tokens: 0` with echo (score the prompt only), `n`, `best_of`, penalties,
+                               `logit_bias`
+- `POST /v1/chat/completions`  messages -> the assistant's reply; `stream: true` for SSE; `logprobs` with
+                               `top_logprobs` (0-20), `n`, penalties, `logit_bias`
+- `POST /tokenize`             vLLM's: a prompt or messages -> token ids (`model` optional: the first served)
+- `POST /detokenize`           vLLM's: token ids -> text
+- `GET  /tokenizer_info`       vLLM's: the tokenizer's settings, special tokens and chat template
 - `POST /v1/embeddings`        text(s) -> L2-normalised vectors (`encoding_format` float or base64); a CLIP
                                model also embeds images: `input: [{"image": BASE64 or data: URL}, "text", ...]`
 - `POST /v1/similarity`        CLIP models: `{images: [...], texts: [...]}` -> the image x text cosine matrix
@@ -19,13 +27,21 @@ the benchmark also mounts it on plain uvicorn). A server may serve several base 
 
 Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
 a field of the wrong type or out of its range (NaN and infinities included, a seed outside
-[-2**63, 2**64-1], text with a lone surrogate) 422, an unknown model 404, a prompt longer than the
-context (or max_tokens past it or past the server's limit) 400, a missing or wrong key 401, over
-the rate limit 429 with Retry-After. A model asked for what its kind does not serve (completions of a CLIP
-or diffusion model, images of an LM or CLIP model, similarity of anything but CLIP) gets a 400 naming its
-kind, as does an image that does not decode. Unknown fields are ignored; OpenAI's image fields that this
-server does not implement (`style`, `quality: "hd"`, `output_format: "jpeg"`...) get a 400 naming the field
-rather than being ignored. A client that leaves before its images are drawn stops them (`_unless_client_leaves`).
+[-2**63, 2**64-1], text with a lone surrogate) 400 on the language model's routes (as OpenAI and vLLM
+answer) and 422 on the others, an unknown model 404, a prompt longer than the context (or max_tokens
+past it or past the server's limit) 400, a missing or wrong key 401, over the rate limit 429 with
+Retry-After. A model asked for what its kind does not serve (completions of a CLIP or diffusion model,
+images of an LM or CLIP model, similarity of anything but CLIP) gets a 400 naming its kind, as does an
+image that does not decode. Nothing asked for is silently dropped: on the language model's routes an
+unknown field is a 400 naming it (`unknown_parameter`), and OpenAI's fields this server does not implement
+(`tools`, `response_format` json_object / json_schema, `suffix`, `audio`..., `CHAT_FIELDS_ALLOWED`) get a
+400 naming the field unless set to what the server does anyway (`tools: []`, `tool_choice: "none"`); so do
+OpenAI's image fields (`style`, `quality: "hd"`, `output_format: "jpeg"`...), while the other routes ignore
+unknown fields. A client that leaves before its images are drawn stops them (`_unless_client_leaves`).
+
+Logprobs are the model's own log-softmax (before penalties, bias and temperature, vLLM's default), -9999.0
+for -inf; tokens are shown decoded one by one, and a final end-of-text token is counted in usage but not
+listed (it has no text). Not with `stream` (a 400 names `logprobs`), nor is `best_of` above n.
 
 Untrusted clients cannot stall the others (`RequestGuard`, `LimitsConfig`): the key and the rate limit
 are checked before the body is read, a body past `max_body_bytes` gets 413 before it is read; texts past
@@ -42,6 +58,7 @@ import base64
 import binascii
 import hmac
 import io
+import itertools
 import json
 import math
 import re
@@ -62,7 +79,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines import __version__
-from pipelines.serve.engine import GREEDY_BELOW, ClipEngine, Generation, TextEngine
+from pipelines.serve.engine import GREEDY_BELOW, ClipEngine, Generation, TextEngine, TokenLogprobs
 from pipelines.serve.images import ImageEngine, Picture, picture_seed
 
 if TYPE_CHECKING:
@@ -94,6 +111,11 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# The language model's routes answer a request that fails validation with 400, as OpenAI and vLLM do; the
+# other routes still answer 422.
+_VALIDATION_400 = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
@@ -101,11 +123,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return error_response(400, f"request body is not valid JSON ({detail})", code="invalid_json")
+    status = 400 if request.url.path in _VALIDATION_400 else 422
     param = _param(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return error_response(status, f"unknown parameter {param}: this server does not implement it", param=param,
+                              code="unknown_parameter")
     # A union field fails once per member type: name the field once, with each reason.
     reasons = list(dict.fromkeys(e["msg"] for e in errors if _param(e["loc"]) == param))
     message = f"{param}: {' or '.join(reasons[:4])}" if param else first["msg"]
-    return error_response(422, message, param=param, code=first["type"])
+    return error_response(status, message, param=param, code=first["type"])
 
 
 def _param(loc: Sequence[Any]) -> str | None:
@@ -132,9 +158,10 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 # -- request schemas -----------------------------------------------------------------------------
-# Strict: "0.5" is not a number and 1 is not a bool; NaN and infinities are not numbers; unknown fields
-# (user, logit_bias, logprobs...) are ignored. Every text field refuses lone surrogates ("\\ud800" in
-# JSON is no character: a tokenizer cannot encode it).
+# Strict: "0.5" is not a number and 1 is not a bool; NaN and infinities are not numbers. The language
+# model's requests (`_LMRequest`) refuse unknown fields (a 400 naming them, as OpenAI answers); the others
+# ignore them. Every text field refuses lone surrogates ("\\ud800" in JSON is no character: a tokenizer
+# cannot encode it).
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -158,7 +185,11 @@ def _check_text(value: Any) -> None:
             _check_text(item)
 
 
-class _Sampling(_Request):
+class _LMRequest(_Request):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_LMRequest):
     model: str
     max_tokens: int | None = Field(None, ge=1, description="At most the server's max_tokens_limit and what the "
                                    "context leaves after the prompt (400 beyond).")
@@ -169,39 +200,144 @@ class _Sampling(_Request):
         None, description="Up to 4 strings, each at most the server's max_stop_chars (400 beyond).")
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1, description="Reproduces a sampled row whatever "
                              "shares its batch.")
-    n: int = Field(1, ge=1, le=8)
+    n: int = Field(1, ge=1, le=8, description="Choices to return (of each prompt); with a seed, choice i is drawn "
+                   "from seed + i.")
     stream: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from the logit of every token "
+                                    "generated so far (OpenAI's formula).")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit once per "
+                                     "time it was generated so far.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> a bias added to its logit before sampling; 100 forces it.")
+    user: str | None = Field(None, description="The end user's id (accepted; nothing is done with it).")
 
 
-class StreamOptions(_Request):
+class StreamOptions(_LMRequest):
     include_usage: bool = False
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="A text, texts, token ids or lists of them; each text at most the server's max_prompt_chars.")
+    max_tokens: int | None = Field(None, ge=0, description="At most the server's max_tokens_limit and what the "
+                                   "context leaves after the prompt (400 beyond); 0 with echo: score the prompt only.")
+    echo: bool = Field(False, description="The prompt before the completion, in the text and (with logprobs) its "
+                       "tokens' logprobs, the first one null.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Per token: its logprob and the k most likely tokens "
+                                 "(the model's own log-softmax, before penalties, bias and temperature). Not with "
+                                 "stream.")
+    best_of: int | None = Field(None, ge=1, le=20, description="Completions generated per prompt, of which the n of "
+                                "highest mean token logprob are returned (all count in usage); at least n, not with "
+                                "stream.")
+    suffix: str | None = Field(None, description="Not supported (400 when set).")
     stream_options: StreamOptions | None = None
 
 
-class ContentPart(_Request):
+class ContentPart(_LMRequest):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Request):
+class ChatMessage(_LMRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, description="The speaker's name, given to the chat template.")
+    tool_call_id: str | None = Field(None, description="Given to the chat template.")
+    # Tools are not implemented: set, a 400 names them.
+    tool_calls: list[Any] | None = Field(None, description="Not supported (400 when not empty).")
+    function_call: Any = Field(None, description="Not supported (400 when set).")
+    refusal: str | None = Field(None, description="Not supported (400 when set).")
+    audio: Any = Field(None, description="Not supported (400 when set).")
+    annotations: list[Any] | None = Field(None, description="An earlier reply's citations: accepted, not read.")
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
 
+    def template_input(self) -> dict[str, str]:
+        """The message as a chat template reads it."""
+        extra = {k: v for k, v in [("name", self.name), ("tool_call_id", self.tool_call_id)] if v is not None}
+        return {"role": self.role, "content": self.text(), **extra}
+
+
+class ResponseFormat(_LMRequest):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Per generated token: its logprob (the model's own log-softmax, "
+                           "before penalties, bias and temperature), its bytes and top_logprobs. Not with stream.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="The most likely tokens listed at each "
+                                     "position (with logprobs: true).")
+    response_format: ResponseFormat | None = Field(None, description="text only: json_object and json_schema "
+                                                   "(guided decoding) are not implemented (400).")
     stream_options: StreamOptions | None = None
+    # OpenAI's fields that this server does not implement: set to anything but the values in CHAT_FIELDS_ALLOWED,
+    # a 400 names them.
+    tools: list[Any] | None = Field(None, description="Not supported (400 when not empty).")
+    tool_choice: Any = Field(None, description="none only.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted (without tools, nothing to call).")
+    functions: list[Any] | None = Field(None, description="Not supported (400 when not empty).")
+    function_call: Any = Field(None, description="none only.")
+    audio: Any = Field(None, description="Not supported (400 when set).")
+    modalities: list[str] | None = Field(None, description='["text"] only.')
+    prediction: Any = Field(None, description="Not supported (400 when set).")
+    reasoning_effort: str | None = Field(None, description="Not supported (400 when set).")
+    verbosity: str | None = Field(None, description="Not supported (400 when set).")
+    web_search_options: Any = Field(None, description="Not supported (400 when set).")
+    service_tier: str | None = Field(None, description="auto or default only.")
+    store: bool | None = Field(None, description="false only: nothing is stored.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted (nothing is stored to tag).")
+    safety_identifier: str | None = Field(None, description="Accepted; nothing is done with it.")
+    prompt_cache_key: str | None = Field(None, description="Accepted; nothing is cached across requests.")
+    prompt_cache_retention: str | None = Field(None, description="Accepted; nothing is cached across requests.")
+    prompt_cache_options: Any = Field(None, description="Accepted; nothing is cached across requests.")
+    moderation: Any = Field(None, description="Not supported (400 when set): nothing is moderated.")
+
+
+# Each field's values that describe what the server does anyway; any other value gets a 400 naming the field.
+COMPLETION_FIELDS_ALLOWED: dict[str, tuple[Any, ...]] = {"suffix": ()}
+CHAT_FIELDS_ALLOWED: dict[str, tuple[Any, ...]] = {
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",), "audio": (),
+    "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+    "service_tier": ("auto", "default"), "store": (False,), "moderation": ()}
+MESSAGE_FIELDS_ALLOWED: dict[str, tuple[Any, ...]] = {"tool_calls": ([],), "function_call": (), "refusal": (),
+                                                      "audio": ()}
+
+
+class TokenizeRequest(_LMRequest):
+    """vLLM's /tokenize: a prompt, or messages through the chat template."""
+
+    model: str | None = Field(None, description="A served language model (NAME or NAME:ADAPTER); none: the first "
+                              "model served.")
+    prompt: str | None = Field(None, description="A text (or messages: not both).")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(
+        None, description="A conversation, through the model's chat template (or prompt: not both).")
+    add_special_tokens: bool | None = Field(None, description="Add the tokenizer's special tokens (BOS...); default "
+                                            "true for a prompt, false for messages (the template has them).")
+    add_generation_prompt: bool = Field(True, description="Messages: end ready for the assistant's turn.")
+    continue_final_message: bool = Field(False, description="Messages: leave the last one open, to be continued "
+                                         "(not with add_generation_prompt).")
+    return_token_strs: bool = Field(False, description="Also return each token's string.")
+    # vLLM's fields that this server does not implement: a 400 names them when set.
+    chat_template: str | None = Field(None, description="Not supported (400 when set): the model's template only.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Not supported (400 when set).")
+    tools: list[Any] | None = Field(None, description="Not supported (400 when not empty).")
+
+
+TOKENIZE_FIELDS_ALLOWED: dict[str, tuple[Any, ...]] = {"chat_template": (), "chat_template_kwargs": (),
+                                                       "tools": ([],)}
+
+
+class DetokenizeRequest(_LMRequest):
+    """vLLM's /detokenize: token ids to text."""
+
+    model: str | None = Field(None, description="A served language model; none: the first model served.")
+    tokens: list[int] = Field(description="Token ids, each in the model's vocabulary.")
 
 
 class ImageInput(_Request):
@@ -272,11 +408,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(description="Each token decoded alone (with echo: the prompt's first).")
+    token_logprobs: list[float | None] = Field(description="Each token's logprob; the echoed prompt's first: null.")
+    top_logprobs: list[dict[str, float] | None] = Field(description="The k most likely tokens at each place, and "
+                                                        "the token itself.")
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -294,11 +438,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="The token's own UTF-8 bytes (part of a character, for some tokens).")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -347,6 +506,28 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = Field(None, description="An adapter's base model (NAME of NAME:ADAPTER).")
+
+
+class Tokens(BaseModel):
+    count: int
+    max_model_len: int = Field(description="The model's context in tokens.")
+    tokens: list[int]
+    token_strs: list[str] | None = Field(None, description="With return_token_strs: each token as the tokenizer "
+                                         "writes it.")
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None = None
 
 
 class ModelList(BaseModel):
@@ -377,7 +558,8 @@ class Reloaded(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses: OpenAI's error body for each status."""
-    what = {400: "Invalid request (a value the server cannot serve, too long, not decodable)",
+    what = {400: "Invalid request (a value the server cannot serve, too long, not decodable, a field not "
+                 "implemented; on the LM routes also a field of the wrong type or out of its range)",
             401: "Missing or wrong API key", 404: "Unknown model", 413: "Body larger than max_body_bytes",
             422: "A field of the wrong type or out of its range", 429: "Over the rate limit (Retry-After)",
             503: "An adapter could not be loaded now; retry"}
@@ -517,8 +699,15 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @app.get("/v1/models", dependencies=guarded, response_model=ModelList, responses=_errors(*denied))
     async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "pipelines"} for m in server.model_ids()]})
+        return JSONResponse({"object": "list", "data": [_card(m) for m in server.model_ids()]})
+
+    @app.get("/v1/models/{model:path}", dependencies=guarded, response_model=ModelCard,
+             responses=_errors(*denied, 404))
+    async def model_card(model: str) -> JSONResponse:
+        if model not in server.model_ids():
+            raise APIError(404, f"model {model!r} not found; served: {', '.join(server.model_ids())}", param="model",
+                           code="model_not_found")
+        return JSONResponse(_card(model))
 
     async def text_engine(model: str) -> tuple[TextEngine, str | None]:
         engine, adapter = await server.resolve(model)
@@ -526,49 +715,138 @@ def build_api(server: ModelServer) -> FastAPI:
             raise _wrong_kind(model, engine, "completions")
         return engine, adapter
 
-    generation_errors = _errors(400, *denied, 404, 422, 503)
+    generation_errors = _errors(400, *denied, 404, 503)
 
     @app.post("/v1/completions", dependencies=guarded, responses=_streamed(Completion) | generation_errors)
     async def completions(body: CompletionRequest) -> Response:
+        _refuse_unsupported(body, COMPLETION_FIELDS_ALLOWED)
+        best_of = _best_of(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing: with echo it scores the prompt", param="max_tokens",
+                           code="invalid_value")
+        if body.stream and body.logprobs is not None:
+            raise APIError(400, "logprobs are not streamed: ask without stream", param="logprobs",
+                           code="unsupported_value")
         engine, adapter = await text_engine(body.model)
         stop = _stop_strings(body.stop, limits)
         prompts = _prompt_list(body.prompt)
-        _check_count(len(prompts) * body.n, limits, "prompt", "prompts times n")
+        _check_count(len(prompts) * best_of, limits, "prompt", "prompts times best_of (or n)")
         _check_chars(prompts, limits, "prompt")
         prompt_ids = await asyncio.to_thread(_prompt_ids, prompts, engine, "prompt")  # CPU work: off the loop
-        rows = [_row(server.config, engine, ids, body, body.max_tokens, stop, adapter, "prompt")
-                for ids in prompt_ids for _ in range(body.n)]
+        bias = _logit_bias(body.logit_bias, engine)
+        # Ranking best_of's candidates takes each generated token's logprob.
+        logprobs = body.logprobs if best_of == body.n else body.logprobs or 0
+        prompt_logprobs = body.logprobs if body.echo else None
+        candidates = [(prompt, _row(server.config, engine, ids, body, body.max_tokens, stop, adapter, "prompt",
+                                    choice=i, logit_bias=bias, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+                      for prompt, ids in zip(prompts, prompt_ids) for i in range(best_of)]
+        rows = [row for _, row in candidates]
         meta = _meta("cmpl", body.model, engine)
         if body.stream:
             _single_choice(rows)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_completion_chunks(server, engine, rows[0], meta, include_usage))
+            echo = _echo_text(prompts[0], engine) if body.echo else ""
+            return _sse(_completion_chunks(server, engine, rows[0], meta, include_usage, echo))
         await server.generate(engine, rows)
-        choices = [{"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                   for i, r in enumerate(rows)]
+
+        def answer() -> list[dict[str, Any]]:  # decoding tokens for logprobs: off the loop
+            return [_completion_choice(i, prompt, row, engine, body.echo, body.logprobs)
+                    for i, (prompt, row) in enumerate(_best(candidates, best_of, body.n))]
+
+        choices = await asyncio.to_thread(answer)
         return JSONResponse({**meta, "object": "text_completion", "choices": choices, "usage": _usage(rows)})
 
     @app.post("/v1/chat/completions", dependencies=guarded, responses=_streamed(ChatCompletion) | generation_errors)
     async def chat(body: ChatRequest) -> Response:
+        _refuse_unsupported(body, CHAT_FIELDS_ALLOWED)
+        _refuse_unsupported_in_messages(body.messages)
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, f"response_format {body.response_format.type}: guided decoding is not implemented by "
+                           "this server; only text", param="response_format", code="unsupported_value")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if body.stream and body.logprobs:
+            raise APIError(400, "logprobs are not streamed: ask without stream", param="logprobs",
+                           code="unsupported_value")
         engine, adapter = await text_engine(body.model)
         stop = _stop_strings(body.stop, limits)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        if sum(len(m["content"]) for m in messages) > limits.max_prompt_chars:
-            raise APIError(400, f"the messages hold more than this server's limit of {limits.max_prompt_chars} "
-                           "characters", param="messages", code="string_too_long")
+        messages = [m.template_input() for m in body.messages]
+        _check_message_chars(messages, limits)
         _check_count(body.n, limits, "n", "n")
         ids = await asyncio.to_thread(engine.chat_prompt, messages)  # the template and tokenizer: off the loop
+        bias = _logit_bias(body.logit_bias, engine)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        rows = [_row(server.config, engine, ids, body, max_tokens, stop, adapter, "messages") for _ in range(body.n)]
+        top = body.top_logprobs or 0
+        rows = [_row(server.config, engine, ids, body, max_tokens, stop, adapter, "messages", choice=i,
+                     logit_bias=bias, logprobs=top if body.logprobs else None) for i in range(body.n)]
         meta = _meta("chatcmpl", body.model, engine)
         if body.stream:
             _single_choice(rows)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(server, engine, rows[0], meta, include_usage))
         await server.generate(engine, rows)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                    "logprobs": None} for i, r in enumerate(rows)]
+
+        def answer() -> list[dict[str, Any]]:  # decoding tokens for logprobs: off the loop
+            return [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
+                     "logprobs": _chat_logprobs(engine, r, top) if body.logprobs else None}
+                    for i, r in enumerate(rows)]
+
+        choices = await asyncio.to_thread(answer)
         return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": _usage(rows)})
+
+    # vLLM's tokenizer routes (lm-evaluation-harness's `tokenizer_backend=remote` reads them).
+    async def tokenizer_of(model: str | None) -> TextEngine:
+        """The language model whose tokenizer `model` uses (an adapter's is its base's); none: the first served."""
+        served = server.model_ids()
+        model = served[0] if model is None else model
+        if model not in served:
+            raise APIError(404, f"model {model!r} not found; served: {', '.join(served)}", param="model",
+                           code="model_not_found")
+        engine, _ = await server.resolve(model.partition(":")[0])
+        if not isinstance(engine, TextEngine):
+            raise _wrong_kind(model, engine, "tokenization")
+        return engine
+
+    tokenize_errors = _errors(400, *denied, 404)
+
+    @app.post("/tokenize", dependencies=guarded, response_model=Tokens, responses=tokenize_errors)
+    async def tokenize(body: TokenizeRequest) -> JSONResponse:
+        _refuse_unsupported(body, TOKENIZE_FIELDS_ALLOWED)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give a prompt or messages (one of them)", param="prompt", code="invalid_value")
+        engine = await tokenizer_of(body.model)
+        if body.prompt is not None:
+            _check_chars([body.prompt], limits, "prompt")
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            ids = await asyncio.to_thread(engine.encode, body.prompt, add_special)
+        else:
+            assert body.messages is not None
+            if body.continue_final_message and body.add_generation_prompt and \
+                    "add_generation_prompt" in body.model_fields_set:
+                raise APIError(400, "continue_final_message and add_generation_prompt cannot both be true",
+                               param="continue_final_message", code="invalid_value")
+            _refuse_unsupported_in_messages(body.messages)
+            messages = [m.template_input() for m in body.messages]
+            _check_message_chars(messages, limits)
+            ids = await asyncio.to_thread(
+                engine.chat_prompt, messages, add_generation_prompt=body.add_generation_prompt and not
+                body.continue_final_message, continue_final_message=body.continue_final_message,
+                add_special_tokens=bool(body.add_special_tokens))
+        strs = engine.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": engine.context_length, "tokens": ids,
+                             "token_strs": strs})
+
+    @app.post("/detokenize", dependencies=guarded, response_model=Detokenized, responses=tokenize_errors)
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        engine = await tokenizer_of(body.model)
+        vocab = len(engine.tokenizer)
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens", code="invalid_value")
+        return JSONResponse({"prompt": await asyncio.to_thread(engine.tokenizer.decode, body.tokens)})
+
+    @app.get("/tokenizer_info", dependencies=guarded, response_model=TokenizerInfo, responses=tokenize_errors)
+    async def tokenizer_info(model: str | None = None) -> JSONResponse:
+        return JSONResponse(_tokenizer_info(await tokenizer_of(model)))
 
     @app.post("/v1/embeddings", dependencies=guarded, response_model=EmbeddingList,
               responses=_errors(400, *denied, 404, 422, 503))
@@ -623,7 +901,7 @@ def build_api(server: ModelServer) -> FastAPI:
     @app.post("/v1/images/generations", dependencies=guarded, response_model=ImagesResponse,
               responses=_errors(400, *denied, 404, 422, 503))
     async def images(body: ImageRequest, request: Request) -> JSONResponse:
-        engine, _ = await server.resolve(body.model)
+        engine, adapter = await server.resolve(body.model)
         if not isinstance(engine, ImageEngine):
             raise _wrong_kind(body.model, engine, "images")
         _refuse_unimplemented(body)
@@ -632,7 +910,7 @@ def build_api(server: ModelServer) -> FastAPI:
         _check_chars([body.prompt], limits, "prompt")
         _check_chars([body.negative_prompt], limits, "negative_prompt")
         pictures = [Picture(body.prompt, width, height, body.num_inference_steps, body.guidance_scale,
-                            picture_seed(body.seed, i), body.negative_prompt or "") for i in range(body.n)]
+                            picture_seed(body.seed, i), body.negative_prompt or "", adapter) for i in range(body.n)]
         await _unless_client_leaves(server.draw(engine, pictures), request, pictures)
         data = [{"b64_json": base64.b64encode(p.png or b"").decode(), "seed": p.seed} for p in pictures]
         return JSONResponse({"created": int(time.time()), "data": data})
@@ -641,12 +919,28 @@ def build_api(server: ModelServer) -> FastAPI:
     async def reload() -> JSONResponse:
         return JSONResponse(await server.reload())
 
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document without the 422 it adds to every route with inputs: a route's 422 (ErrorBody) is
+        listed where it can answer one; the LM routes answer 400 instead."""
+        if app.openapi_schema is None:
+            schema = fastapi_openapi()
+            for operation in (op for item in schema["paths"].values() for op in item.values()):
+                listed = operation["responses"].get("422", {}).get("content", {}).get("application/json", {})
+                if listed.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                    del operation["responses"]["422"]
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
 # -- helpers -------------------------------------------------------------------------------------
 # What each kind of model serves, for the 400 of a request that asks a model for something else.
-_KINDS = {TextEngine: ("a language model", "/v1/completions, /v1/chat/completions and /v1/embeddings"),
+_KINDS = {TextEngine: ("a language model", "/v1/completions, /v1/chat/completions, /v1/embeddings and /tokenize"),
           ClipEngine: ("a CLIP model", "/v1/embeddings and /v1/similarity"),
           ImageEngine: ("a diffusion model", "/v1/images/generations")}
 
@@ -817,9 +1111,12 @@ def _prompt_ids(prompts: Sequence[str | list[int]], engine: TextEngine, param: s
 
 
 def _row(config: ServeConfig, engine: TextEngine, ids: list[int], body: _Sampling, max_tokens: int | None,
-         stop: list[str], adapter: str | None, prompt_param: str) -> Generation:
+         stop: list[str], adapter: str | None, prompt_param: str, *, choice: int = 0,
+         logit_bias: dict[int, float] | None = None, logprobs: int | None = None,
+         prompt_logprobs: int | None = None) -> Generation:
+    """The row of one choice (`choice` of the prompt's choices: with a seed, it draws from seed + choice)."""
     room = engine.context_length - len(ids)
-    if room < 1:
+    if room < (0 if max_tokens == 0 else 1):
         raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context is {engine.context_length}",
                        param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
@@ -830,8 +1127,174 @@ def _row(config: ServeConfig, engine: TextEngine, ids: list[int], body: _Samplin
     elif max_tokens > room:
         raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
                        f"context of {engine.context_length}", param="max_tokens", code="context_length_exceeded")
-    return Generation(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
-                      adapter=adapter)
+    seed = None if body.seed is None else picture_seed(body.seed, choice)  # the pictures' rule: seed + i, mod 2**64
+    return Generation(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop, seed=seed,
+                      adapter=adapter, presence_penalty=body.presence_penalty,
+                      frequency_penalty=body.frequency_penalty, logit_bias=logit_bias or {}, logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs)
+
+
+def _best_of(body: CompletionRequest) -> int:
+    """How many completions to generate per prompt: best_of (at least n, not streamed), else n."""
+    if body.best_of is None or body.best_of == body.n:
+        return body.n
+    if body.best_of < body.n:
+        raise APIError(400, f"best_of {body.best_of} < n {body.n}: best_of is how many to choose the n from",
+                       param="best_of", code="invalid_value")
+    if body.stream:
+        raise APIError(400, "best_of above n is not streamed (the best are known at the end)", param="best_of",
+                       code="unsupported_value")
+    return body.best_of
+
+
+def _best(candidates: list[tuple[Any, Generation]], best_of: int, n: int) -> list[tuple[Any, Generation]]:
+    """Of each prompt's best_of candidates (consecutive), the n of highest mean token logprob, best first."""
+    if best_of == n:
+        return candidates
+    out = []
+    for start in range(0, len(candidates), best_of):
+        group = candidates[start:start + best_of]
+        out += sorted(group, key=lambda c: _mean_logprob(c[1]), reverse=True)[:n]
+    return out
+
+
+def _mean_logprob(row: Generation) -> float:
+    return sum(_finite(t.logprob) for t in row.token_logprobs) / len(row.token_logprobs) if row.token_logprobs \
+        else 0.0
+
+
+def _logit_bias(bias: dict[str, float] | None, engine: TextEngine) -> dict[int, float]:
+    """logit_bias's token ids (JSON keys are strings) as ints; 400 for a key that is not a token id."""
+    vocab = len(engine.tokenizer)
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) < 12 and int(key) < vocab):
+            raise APIError(400, f"logit_bias: {key[:40]!r} is not a token id in [0, {vocab})", param="logit_bias",
+                           code="invalid_value")
+        out[int(key)] = value
+    return out
+
+
+def _refuse_unsupported(body: BaseModel, allowed: dict[str, tuple[Any, ...]], prefix: str = "") -> None:
+    """400 naming the first of `allowed`'s fields that is set to a value this server does not implement."""
+    for name, values in allowed.items():
+        value = getattr(body, name)
+        if value is None or value in values:  # (strict types: no 0 for False)
+            continue
+        accepted = f" (accepted only as {' or '.join(json.dumps(v) for v in values)})" if values else ""
+        raise APIError(400, f"{prefix}{name}: this server does not implement it{accepted}", param=prefix + name,
+                       code="unsupported_value" if values else "unsupported_parameter")
+
+
+def _refuse_unsupported_in_messages(messages: Sequence[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        _refuse_unsupported(message, MESSAGE_FIELDS_ALLOWED, f"messages.{i}.")
+
+
+def _check_message_chars(messages: Sequence[dict[str, str]], limits: LimitsConfig) -> None:
+    if sum(len(m["content"]) for m in messages) > limits.max_prompt_chars:
+        raise APIError(400, f"the messages hold more than this server's limit of {limits.max_prompt_chars} "
+                       "characters", param="messages", code="string_too_long")
+
+
+def _card(model: str) -> dict[str, Any]:
+    base, sep, _ = model.partition(":")
+    return {"id": model, "object": "model", "created": 0, "owned_by": "pipelines", "parent": base if sep else None}
+
+
+# -- logprobs: what the engine measured, in OpenAI's shapes ----------------------------------------
+def _finite(logprob: float) -> float:
+    """JSON has no -inf nor NaN: -9999.0 for them, as OpenAI and vLLM write it."""
+    return logprob if logprob > -9999.0 else -9999.0
+
+
+def _generated(row: Generation, engine: TextEngine) -> tuple[list[int], list[TokenLogprobs]]:
+    """The row's generated tokens and their logprobs as listed: all but a final end-of-text (it has no text;
+    usage counts it)."""
+    n = len(row.token_ids) - (1 if row.token_ids and row.token_ids[-1] == engine.eos else 0)
+    return row.token_ids[:n], row.token_logprobs[:n]
+
+
+def _echo_text(prompt: str | list[int], engine: TextEngine) -> str:
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
+
+
+def _completion_choice(index: int, prompt: str | list[int], row: Generation, engine: TextEngine, echo: bool,
+                       k: int | None) -> dict[str, Any]:
+    """A completion choice: the text (after the prompt, with echo) and, with `k`, its logprobs."""
+    text = _echo_text(prompt, engine) + row.text if echo else row.text
+    logprobs = None
+    if k is not None:
+        ids, entries = _generated(row, engine)
+        if echo:
+            ids, entries = [*row.prompt_ids, *ids], [*row.prompt_token_logprobs, *entries]
+        logprobs = _completion_logprobs(engine, ids, entries, k)
+    return {"index": index, "text": text, "finish_reason": row.finish_reason, "logprobs": logprobs}
+
+
+def _completion_logprobs(engine: TextEngine, ids: list[int], entries: Sequence[TokenLogprobs | None],
+                         k: int) -> dict[str, Any]:
+    """OpenAI's completion logprobs: each token decoded alone, its logprob, the k most likely tokens and the
+    token itself, and where each token starts in the text (decoded tokens laid end to end, as vLLM counts)."""
+    texts = _token_texts(engine, [*ids, *(t for e in entries if e is not None for t, _ in e.top[:k])])
+    tokens = [texts[t] for t in ids]
+    top: list[dict[str, float] | None] = []
+    for entry in entries:
+        if entry is None:
+            top.append(None)
+            continue
+        alternatives = {texts[t]: _finite(lp) for t, lp in entry.top[:k]}
+        alternatives.setdefault(texts[entry.token], _finite(entry.logprob))
+        top.append(alternatives)
+    return {"tokens": tokens, "token_logprobs": [None if e is None else _finite(e.logprob) for e in entries],
+            "top_logprobs": top, "text_offset": list(itertools.accumulate(map(len, tokens), initial=0))[:-1]}
+
+
+def _chat_logprobs(engine: TextEngine, row: Generation, k: int) -> dict[str, Any]:
+    """OpenAI's chat logprobs: per generated token its text, logprob, bytes and the k most likely tokens."""
+    ids, entries = _generated(row, engine)
+    everything = sorted({*ids, *(t for e in entries for t, _ in e.top[:k])})
+    texts = dict(zip(everything, engine.token_texts(everything)))
+    raw = dict(zip(everything, engine.token_bytes(everything)))
+
+    def token(t: int, logprob: float) -> dict[str, Any]:
+        return {"token": texts[t], "logprob": _finite(logprob), "bytes": raw[t]}
+
+    return {"content": [token(e.token, e.logprob) | {"top_logprobs": [token(t, lp) for t, lp in e.top[:k]]}
+                        for e in entries], "refusal": None}
+
+
+def _token_texts(engine: TextEngine, ids: Sequence[int]) -> dict[int, str]:
+    unique = sorted(set(ids))
+    return dict(zip(unique, engine.token_texts(unique)))
+
+
+def _tokenizer_info(engine: TextEngine) -> dict[str, Any]:
+    """vLLM's /tokenizer_info: the tokenizer's settings (no file paths), its class, special tokens and chat
+    template."""
+    tokenizer = engine.tokenizer
+    settings = getattr(tokenizer, "init_kwargs", None) or {}
+    info = {k: _jsonable(v) for k, v in settings.items() if not k.endswith("_file") and k != "name_or_path"}
+    info |= {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token,
+             "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token}
+    if engine.has_chat_template:
+        info["chat_template"] = _jsonable(tokenizer.chat_template)
+    return info
+
+
+def _jsonable(value: Any) -> Any:
+    """A tokenizer setting as JSON: special tokens as their text, non-finite numbers as null, the rest as text."""
+    if hasattr(value, "content"):  # tokenizers' AddedToken
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _single_choice(rows: list[Generation]) -> None:
@@ -892,8 +1355,10 @@ async def _pieces(server: ModelServer, engine: TextEngine, row: Generation) -> A
 
 
 async def _completion_chunks(server: ModelServer, engine: TextEngine, row: Generation, meta: dict[str, Any],
-                             include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+                             include_usage: bool, echo: str = "") -> AsyncIterator[dict[str, Any]]:
     head = {**meta, "object": "text_completion"}
+    if echo:
+        yield {**head, "choices": [{"index": 0, "text": echo, "finish_reason": None, "logprobs": None}]}
     async for piece in _pieces(server, engine, row):
         yield {**head, "choices": [{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}]}
     yield {**head, "choices": [{"index": 0, "text": "", "finish_reason": row.finish_reason, "logprobs": None}]}

@@ -21,20 +21,17 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import numpy as np
 import torch
-from pydantic import Field
 from rich.console import Console
 
-from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
 from pipelines.shards import IMAGE_EXTS, TAR_ERRORS, image_of, read_tar
-from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle, ClipModelConfig
-from pipelines.train.config import (PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TokenizerConfig,
-                                     TrainRunConfig)
+from pipelines.train.clip_config import ClipDataConfig, ClipModelConfig, ClipPretrainConfig  # noqa: F401
+from pipelines.train.clip_model import IMAGE_MEAN, IMAGE_STD, ClipBundle
 from pipelines.train.data import EMPTY_EPOCHS, ShardSet, is_heldout, training_samples
 from pipelines.train.pretrain import (DS_TAG, MetricsLog, Pretraining, PretrainResult, checkpoint_state, drive,
                                       local_copy, lr_lambda, save_checkpoint, start_engine, worker_context)
@@ -43,30 +40,6 @@ log = logging.getLogger(__name__)
 
 STATE_FORMAT = "pipelines.train.ImageCaptionStream/v1"
 RECALL_METRIC = "heldout_i2t_recall_at_1"
-
-
-# -- config ---------------------------------------------------------------------------------------
-
-class ClipDataConfig(ConfigModel):
-    shards: str | None = Field(None, description=(
-        "Image shards (`pipelines crawl images`/`pipelines curate` output): folder or fsspec URL."))
-    shuffle_buffer: int = Field(256, gt=0, description="Image-caption pairs shuffled together.")
-    heldout_percent: float = Field(5.0, ge=0, lt=100, description=(
-        "Share of pairs (by key hash) held out for the final recall."))
-    augment: bool = Field(True, description="Random resized crop and horizontal flip of training images.")
-    crop_scale: float = Field(0.6, gt=0, le=1, description="Smallest share of the image area a random crop keeps.")
-    hflip: bool = Field(True, description="Flip half the training images left-right (off for captions that say "
-                                          "left or right).")
-
-
-class ClipPretrainConfig(TrainRunConfig):
-    kind: Literal["clip"] = Field("clip", description=PRETRAIN_KIND)
-    model: ClipModelConfig = ClipModelConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig(vocab_size=4096)
-    data: ClipDataConfig = ClipDataConfig()
-    optim: OptimConfig = OptimConfig(lr=5e-4, weight_decay=0.2, beta2=0.98)
-    engine: EngineConfig = EngineConfig(micro_batch=64)
-    registry: RegistryConfig = RegistryConfig(experiment="pretrain-clip", model_name="clip-tiny")
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
-from pydantic import Field
 
-from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
+from pipelines.train.clip_config import ClipModelConfig
 
 # CLIP's normalisation of pixel values (OpenAI's; open_clip and DataComp use the same).
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -29,15 +28,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {"vision": (256, 4, 4, 1024), "text": (256, 4, 4, 1024), "projection_dim": 256},
     "base": {"vision": (768, 12, 12, 3072), "text": (512, 12, 8, 2048), "projection_dim": 512},
 }
-
-
-class ClipModelConfig(ConfigModel):
-    """The shape of a CLIP-style model."""
-
-    preset: Literal["tiny", "small", "base"] = Field("tiny", description="Tower sizes: tiny, small or base.")
-    image_size: int = Field(64, ge=16, description="Square input images, in pixels.")
-    patch_size: int = Field(8, ge=2, description="Vision transformer patch size.")
-    max_text_len: int = Field(32, ge=4, description="Tokens per caption (longer ones are cut).")
 
 
 def clip_config(config: ClipModelConfig, vocab_size: int, eos_token_id: int, pad_token_id: int) -> Any:

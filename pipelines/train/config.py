@@ -42,8 +42,8 @@ class OptimConfig(ConfigModel):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps, then cosine decay to max-steps.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms and biases).")
-    beta1: float = Field(0.9, gt=0, lt=1)
-    beta2: float = Field(0.95, gt=0, lt=1)
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW's beta1: decay of the gradients' moving average.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW's beta2: decay of the squared gradients' moving average.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
 
 
@@ -92,9 +92,9 @@ class TrainRunConfig(ConfigModel):
         ("engine", "log_every"), ("registry", "register_model"), ("quiet",)}
 
 
-PRETRAIN_KIND = ("What `pipelines pretrain` trains: lm, a causal language model on text shards, clip, a CLIP-style "
-                 "image-text model on caption-image shards, or autoencoder, a KL autoencoder (the latent-diffusion "
-                 "first stage) on image shards.")
+PRETRAIN_KIND = ("What `pipelines pretrain` trains: lm, a causal language model on text shards; clip, a CLIP-style "
+                 "image-text model on caption-image shards; autoencoder, a KL autoencoder (the latent-diffusion "
+                 "first stage) on image shards; or diffusion, a text-to-image latent diffusion model on latent shards.")
 
 
 class PretrainConfig(TrainRunConfig):

@@ -31,20 +31,20 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 from rich.console import Console
 
-from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import failpoint, filesystem
 from pipelines.shards import TAR_ERRORS, read_tar
 from pipelines.train.autoencoder import image_pixels
 from pipelines.train.clip import ImageCaptionStream, heldout_pairs, read_image_tar
-from pipelines.train.config import PRETRAIN_KIND, EngineConfig, OptimConfig, RegistryConfig, TrainRunConfig
 from pipelines.train.data import ShardSet, is_heldout, open_shards
+from pipelines.train.diffusion_config import (ConditioningConfig, DiffusionDataConfig,  # noqa: F401
+                                              DiffusionModelConfig, DiffusionPretrainConfig, ObjectiveConfig,
+                                              SamplingConfig)
 from pipelines.train.pretrain import (DS_TAG, MetricsLog, Pretraining, PretrainResult, drive, local_copy, lr_lambda,
                                       save_checkpoint, start_engine, worker_context)
 
@@ -61,67 +61,6 @@ UNET_PRESETS: dict[str, tuple[tuple[int, ...], int, int, int]] = {
     "small": ((64, 128, 256), 2, 8, 3),
     "sd": ((320, 640, 1280, 1280), 2, 8, 3),
 }
-
-
-# -- config ---------------------------------------------------------------------------------------
-
-class DiffusionModelConfig(ConfigModel):
-    preset: Literal["tiny", "small", "sd"] = Field("tiny", description=(
-        "Denoiser (UNet) size: tiny (CPU tests), small, or sd (Stable Diffusion 1.x's UNet)."))
-    latent_channels: int | None = Field(None, gt=0, description=(
-        "Channels of the latents; must match the autoencoder's (default: the autoencoder's)."))
-
-
-class ConditioningConfig(ConfigModel):
-    text_encoder: str = Field("models:/clip-tiny@champion", description=(
-        "The registered CLIP (models:/NAME@ALIAS or /VERSION) whose text tower conditions the denoiser, frozen; "
-        "it also scores the samples (FD-CLIP, CLIP score)."))
-    autoencoder: str | None = Field(None, description=(
-        "The registered autoencoder (models:/NAME@ALIAS or /VERSION); default: the one the latent shards were "
-        "encoded with. Required to train on image shards (each batch is then encoded on the fly)."))
-
-
-class ObjectiveConfig(ConfigModel):
-    prediction: Literal["epsilon", "v_prediction"] = Field("epsilon", description=(
-        "What the denoiser predicts: epsilon (the noise, Stable Diffusion 1) or v_prediction (SD 2)."))
-    snr_gamma: float = Field(5.0, ge=0, description="Min-SNR-γ loss weighting (5 recommended; 0: plain MSE).")
-    caption_dropout: float = Field(0.1, ge=0, lt=1, description=(
-        "Share of training captions replaced by the empty caption (what classifier-free guidance needs)."))
-    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0: off).")
-    train_timesteps: int = Field(1000, gt=1, description="DDPM noise levels.")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average (0: no EMA).")
-    ema_warmup: bool = Field(True, description=(
-        "Decay min(ema_decay, (1+step)/(10+step)), so early averages are not dominated by the initial weights."))
-
-
-class SamplingConfig(ConfigModel):
-    eval_every: int = Field(0, ge=0, description="Generate and score held-out samples every this many steps "
-                                                 "(0: at the end only).")
-    eval_samples: int = Field(32, ge=2, description="Held-out captions generated for FD-CLIP and the CLIP score.")
-    sample_steps: int = Field(20, gt=0, description="Sampler steps (DPM-Solver++).")
-    guidance_scale: float = Field(4.0, ge=1, description="Classifier-free guidance scale (1: none).")
-    sample_seed: int = Field(0, description="Seed of the evaluation samples (the same images every evaluation).")
-
-
-class DiffusionDataConfig(ConfigModel):
-    shards: str | None = Field(None, description=(
-        "Latent shards (`pipelines encode` output), or image shards (`pipelines crawl images`/`curate`) encoded "
-        "on the fly: folder or fsspec URL."))
-    shuffle_buffer: int = Field(256, gt=0, description="Samples shuffled together.")
-    heldout_percent: float = Field(5.0, ge=0, lt=100, description=(
-        "Share of samples (by key hash) held out for the evaluation."))
-
-
-class DiffusionPretrainConfig(TrainRunConfig):
-    kind: Literal["diffusion"] = Field("diffusion", description=PRETRAIN_KIND)
-    model: DiffusionModelConfig = DiffusionModelConfig()
-    conditioning: ConditioningConfig = ConditioningConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    data: DiffusionDataConfig = DiffusionDataConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-4, weight_decay=0.01, warmup_steps=50, min_lr_ratio=1.0, beta2=0.999)
-    engine: EngineConfig = EngineConfig(micro_batch=32)
-    registry: RegistryConfig = RegistryConfig(experiment="pretrain-diffusion", model_name="diffusion-tiny")
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -481,8 +420,15 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
     engine.train()
     dtype = torch.bfloat16 if bf16 else torch.float32
     stop_at = min(e.max_steps, e.stop_after or e.max_steps)
+    _prof_dir = __import__("os").environ.get("PIPELINES_LOOP_PROFILE")  # TEMPORARY profiling switch
+    _marks = []
+    if _prof_dir:
+        import cProfile
+        _prof = cProfile.Profile()
+        _prof.enable()
     while step < stop_at:
         started = time.perf_counter()
+        _marks.append({"start": started, "cpu": time.process_time(), "thread": time.thread_time()})
         total = torch.zeros((), device=device)
         for micro in range(e.grad_accum):
             x, captions = next(batches)
@@ -512,9 +458,11 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
             dist.all_reduce(total)
         loss_value = total.item() / (e.grad_accum * world)
         seconds = time.perf_counter() - started
+        _marks[-1]["stepped"] = time.perf_counter()
         if metrics_log:
             metrics_log.add(step, {"loss": loss_value, "lr": schedule.get_last_lr()[0],
                                    "samples_per_s": samples_per_step / seconds, "step_s": seconds})
+        _marks[-1]["logged"] = time.perf_counter()
         last = step == stop_at
         scored: dict[str, float] = {}
         if (last and step == e.max_steps) or (config.sampling.eval_every and step % config.sampling.eval_every == 0):
@@ -529,6 +477,12 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
                 metrics_log.flush()
             save_checkpoint(engine, stream, rank, step, report,
                             extra=lambda folder: ema_or_weights(ema, engine.module, obj).save(f"{folder}/{EMA_FILE}"))
+        _marks[-1]["end"] = time.perf_counter()
+    if _prof_dir:
+        _prof.disable()
+        Path(_prof_dir).mkdir(parents=True, exist_ok=True)
+        _prof.dump_stats(f"{_prof_dir}/loop-rank{rank}.prof")
+        Path(_prof_dir, f"marks-rank{rank}.json").write_text(json.dumps(_marks))
     if metrics_log:
         metrics_log.close()
 

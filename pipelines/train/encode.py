@@ -43,16 +43,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import ray
-from pydantic import Field
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import cluster_cpus, filesystem, init_ray, settings
 from pipelines.shards import (TAR_ERRORS, ShardOutput, ShardWriter, absolute, image_of, owned, read_manifest,
                               shard_files, shard_name, tar_samples, url_of, write_manifest)
+from pipelines.train.encode_config import EncodeConfig
 
 KIND = "latents"
 METADATA_SCHEMA = pa.schema([
@@ -62,32 +61,6 @@ METADATA_SCHEMA = pa.schema([
 STATUSES = ("success", "missing_caption", "missing_image", "failed_to_decode", "non_finite_latent")
 DEFAULT_SCALING_FACTOR = 0.18215  # diffusers' AutoencoderKL default, for a config.json that leaves it out
 START_OVER = "encode with the same settings, write to another --output, or pass --overwrite"
-
-
-class EncodeConfig(ConfigModel):
-    shards: str = Field(description=(
-        "Image shards to encode (`pipelines crawl images` or `pipelines curate` output): folder or fsspec URL."))
-    output: str = Field(description="Output folder for the latent shards (local or fsspec URL).")
-    autoencoder: str = Field(description=(
-        "The autoencoder: registered (models:/NAME@ALIAS or models:/NAME/VERSION, pinned to its exact version "
-        "at the start) or a local diffusers AutoencoderKL folder."))
-    clip: str | None = Field(None, description=(
-        "A CLIP (models:/NAME@ALIAS or /VERSION, or a local folder): also store its text tower's per-token "
-        "states of each caption (KEY.text.npy)."))
-    image_size: int | None = Field(None, gt=0, description=(
-        "Square images fed to the autoencoder, in pixels (default: its config's sample_size)."))
-    batch_size: int = Field(32, gt=0, description="Images per autoencoder call.")
-    use_gpu: bool | None = Field(None, description="One GPU per shard task (default: when the Ray cluster has GPUs).")
-    max_in_flight: int | None = Field(None, gt=0, description=(
-        "Shard tasks queued at once (default 2 x cluster CPUs, or 2 x GPUs)."))
-    task_retries: int = Field(3, ge=0, description="Times Ray reruns a shard task whose worker died.")
-    overwrite: bool = Field(False, description=(
-        "Start over: remove the shards already in the output (else a rerun resumes, and refuses an output "
-        "made from other input shards or with another autoencoder, image size or CLIP)."))
-    quiet: bool = Field(False, description="No progress bar or summary.")
-
-    run_options = {"output": True, "batch_size": True, "use_gpu": True, "max_in_flight": True,
-                   "task_retries": True, "overwrite": True, "quiet": True}
 
 
 @dataclass

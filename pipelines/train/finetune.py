@@ -21,17 +21,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 from rich.console import Console
 
-from pipelines.config import ConfigModel
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem, init_ray, settings
 from pipelines.shards import absolute, is_local
-from pipelines.train.config import EngineConfig, OptimConfig, TrainRunConfig
+from pipelines.train.finetune_config import ExamplesConfig, FinetuneConfig, FinetuneRegistry, LoraSettings  # noqa: F401
 from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, local_copy, lr_lambda,
                                       resolve_run, resources, save_checkpoint, start_engine, storage_root,
                                       worker_context, write_json, zero_label)
@@ -47,43 +45,6 @@ DEFAULT_TARGETS = {
     "gpt_neox": ["query_key_value", "dense"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense"],
 }
-
-
-class LoraSettings(ConfigModel):
-    method: Literal["lora", "full"] = Field("lora", description=(
-        "lora: train LoRA matrices on the frozen base; full: train every weight (registered as a full model)."))
-    rank: int = Field(8, gt=0, description="LoRA rank r.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description=(
-        "Dropout on the LoRA input (it keeps a copy of each adapted layer's input for the backward pass)."))
-    target_modules: list[str] | None = Field(None, description=(
-        "Module names to adapt (default: the attention projections of the base's architecture)."))
-    merge: bool = Field(False, description="Also export and register the base with the adapter merged in.")
-
-
-class ExamplesConfig(ConfigModel):
-    data: str | None = Field(None, description=(
-        "Instruction data: a jsonl of {prompt, response} or {messages} rows, or shards made from one."))
-    seq_len: int = Field(256, ge=8, description="Tokens per example (longer ones are cut).")
-    shuffle_buffer: int = Field(64, gt=0, description="Examples shuffled together.")
-    heldout_percent: float = Field(10.0, ge=0, lt=100, description="Share of examples held out for the loss.")
-    loader_workers: int = Field(0, ge=0, description="Dataloader worker processes per training worker.")
-
-
-class FinetuneRegistry(ConfigModel):
-    experiment: str = Field("finetune", description="MLflow experiment.")
-    model_name: str = Field("lm-tiny-lora", description="Registered name of the adapter (merged: NAME-merged).")
-    register_model: bool = Field(True, description="Register the adapter (alias candidate; champion if better).")
-
-
-class FinetuneConfig(TrainRunConfig):
-    base: str | None = Field(None, description=(
-        "Base model: models:/NAME@ALIAS, models:/NAME/VERSION or a local folder."))
-    lora: LoraSettings = LoraSettings()
-    examples: ExamplesConfig = ExamplesConfig()
-    optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.0)
-    engine: EngineConfig = EngineConfig(max_steps=100, checkpoint_every=25, zero_stage=0, eval_batches=8)
-    registry: FinetuneRegistry = FinetuneRegistry()
 
 
 @dataclass
@@ -115,6 +76,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run_dir = f"{storage}/{run_name}"
     if not config.base:
         raise PipelineError("no base model: give --base models:/NAME@ALIAS (or a local Hugging Face folder)")
+    from pipelines.train.diffusion_lora import finetune_diffusion, is_diffusion_base
+
+    if is_diffusion_base(saved["base"] if saved else config.base):  # a LoRA on its denoiser, from images
+        return finetune_diffusion(config, run_name, saved)
     if not config.examples.data:
         raise PipelineError("no examples: give --data (a jsonl of prompt/response or messages rows, or shards)")
 

@@ -110,6 +110,9 @@ def drive(config: Any, kind: Pretraining) -> PretrainResult:
     if kind.check is not None:
         kind.check(config, shards)  # the kind's own checks of config and shards, before any worker starts
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
+    # A local Ray starts its workers at niceness 15, so the training worker loses the CPU to every other
+    # process on the machine, down to Ray's own daemons: its steps stall whenever anything else runs.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     init_ray()
     use_gpu, cpus = resources(config)
 
@@ -548,9 +551,15 @@ def _evaluate(engine: Any, config: PretrainConfig, shards: Any, tokenizer_dir: s
 
 
 class MetricsLog:
-    """Rank 0's per-step metrics, sent to MLflow in batches so logging never stalls a step."""
+    """Rank 0's per-step metrics, sent to MLflow in batches by a background thread, so that writing them
+    never stalls a step (a batch is an SQL transaction, tens of ms on SQLite, more on a remote server).
+    `flush` waits until everything added so far is written: before a checkpoint, so that a run restarted
+    from it lacks no metric of the steps it does not repeat. A failed write is raised by the next call."""
 
     def __init__(self, args: dict[str, Any]):
+        import queue
+        import threading
+
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=args["tracking_uri"])
@@ -558,11 +567,16 @@ class MetricsLog:
         self.every = args["config"]["engine"]["log_every"]
         self.quiet = args["config"]["quiet"]
         self.pending: list[Any] = []
-        self.last_flush = time.monotonic()
+        self.last_sent = time.monotonic()
+        self.batches: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
+        self.writer.start()
 
     def add(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        self._raise()
         if step % self.every == 0 or "loss" not in values:
             now = int(time.time() * 1000)
             self.pending += [Metric(k, float(v), now, step) for k, v in values.items()]
@@ -572,17 +586,42 @@ class MetricsLog:
             rate = (f"{values['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in values
                     else f"{values['samples_per_s']:.0f} samples/s")
             print(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, {rate}{mfu}", flush=True)
-        if time.monotonic() - self.last_flush > 5 or len(self.pending) > 900:
-            self.flush()
+        if time.monotonic() - self.last_sent > 5 or len(self.pending) > 900:  # MLflow takes 1000 a batch
+            self._send()
 
     def flush(self) -> None:
-        if self.pending:
-            self.client.log_batch(self.run_id, metrics=self.pending)
-            self.pending = []
-        self.last_flush = time.monotonic()
+        """Write everything added so far, and wait until it is written."""
+        self._send()
+        self.batches.join()
+        self._raise()
 
     def close(self) -> None:
         self.flush()
+        self.batches.put(None)
+        self.writer.join()
+
+    def _send(self) -> None:
+        if self.pending:
+            self.batches.put(self.pending)
+            self.pending = []
+        self.last_sent = time.monotonic()
+
+    def _write(self) -> None:
+        while True:
+            batch = self.batches.get()
+            try:
+                if batch is None:
+                    return
+                if self.error is None:
+                    self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # handed to the training thread, which raises it
+                self.error = exc
+            finally:
+                self.batches.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 # -- export ---------------------------------------------------------------------------------------

@@ -146,6 +146,7 @@ def rendered_text(url: str, expected: list[str], profile: Path, tries: int = 3) 
 @pytest.mark.parametrize("name, shown", [
     ("end-to-end/nightly-crawl-curate", "At 02:00 AM every day"),
     ("finetune/weekly-finetune", "At 04:00 AM, only on Sunday"),
+    ("pretrain-diffusion/demo", "Entrypoint pipelines.flows.pretrain_diffusion_flow"),  # the image chain too
 ])
 def test_the_ui_shows_the_deployment_and_its_schedule(server: SimpleNamespace, registered: dict[str, Any],
                                                       name: str, shown: str) -> None:

@@ -9,6 +9,7 @@ What ran is read back from Prefect's own records, not only from the flow's summa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -28,7 +29,8 @@ from tests.serve.conftest import _free_port_pair
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHED_STAGES = ["crawl-images", "crawl-text", "curate-images", "curate-text", "pretrain", "finetune", "pretrain-clip"]
+CACHED_STAGES = ["crawl-images", "crawl-text", "curate-images", "curate-text", "pretrain", "finetune", "pretrain-clip",
+                 "pretrain-autoencoder", "encode", "pretrain-diffusion"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,13 @@ def state(tmp_path_factory: pytest.TempPathFactory, sample: dict[str, Path]) -> 
     config["finetune"]["engine"].update(max_steps=20, checkpoint_every=20, eval_batches=2)
     config["clip"]["data"]["heldout_percent"] = 25  # ~35 photos: keep some held out
     config["clip"]["engine"].update(max_steps=20, checkpoint_every=20, micro_batch=8)
+    images = config["diffusion"]
+    images["autoencoder"]["data"]["heldout_percent"] = 25
+    images["autoencoder"]["loss"]["disc_start"] = 10
+    images["autoencoder"]["engine"].update(max_steps=20, checkpoint_every=20, micro_batch=8)
+    images["diffusion"]["data"]["heldout_percent"] = 25
+    images["diffusion"]["sampling"].update(eval_samples=4, sample_steps=2)
+    images["diffusion"]["engine"].update(max_steps=20, checkpoint_every=20, micro_batch=8)
     config["deploy"]["port"] = _free_port_pair()
     path = root / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -126,7 +135,22 @@ def assert_shard_sets_load(state: dict[str, Any], summary: dict[str, Any], *stag
         assert samples == result.get("samples", result.get("kept")), stage
 
 
-def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> None:
+def lineage(state: dict[str, Any], uri: str) -> dict[str, Any]:
+    """`pipelines lineage URI --json` as a user runs it, on the flow's registry."""
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "lineage", uri, "--json"], cwd=ROOT,
+                          env=env_for(state["home"]), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def crawl_hop(node: dict[str, Any]) -> dict[str, Any]:
+    """The crawl at the end of a shard set's chain (following curate and encode hops)."""
+    while node["stage"]["name"] != "crawl":
+        node = node["input"]
+    return node
+
+
+def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any], sample: dict[str, Path]) -> None:
     summary, output = run_flow(state, PIPELINES_FAILPOINTS="curate-text=1")
 
     assert "failpoint curate-text: planted failure 1 of 1" in output
@@ -143,9 +167,43 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> N
     clip = summary["pretrain-clip"]["result"]
     assert clip["model_uri"] == "models:/demo-clip/1" and clip["steps"] == 20
     assert 0 <= clip["heldout_i2t_recall_at_1"] <= clip["heldout_i2t_recall_at_5"] <= 1
+    # The image chain after CLIP: autoencoder -> latents -> diffusion conditioned on this run's CLIP.
+    assert summary["pretrain-autoencoder"]["result"]["model_uri"] == "models:/demo-autoencoder/1"
+    latents = summary["encode"]["result"]
+    assert latents["autoencoder"] == "models:/demo-autoencoder/1"
+    assert latents["samples"] == summary["curate-images"]["result"]["kept"]
+    drawn = summary["pretrain-diffusion"]["result"]
+    assert drawn["model_uri"] == "models:/demo-diffusion/1" and drawn["steps"] == 20
+    assert drawn["heldout_fd_clip"] >= 0 and 0 <= drawn["heldout_clip_score"] <= 100  # 100 x cosine, floored
     deployed = summary["deploy"]["result"]
     # the endpoint generated (what a 30-step model says is another matter)
     assert deployed["model"] == "demo-lm:demo-chat" and deployed["tokens"] > 0 and isinstance(deployed["answer"], str)
+    # the image model behind the same endpoint drew a picture of the size it was trained at
+    assert deployed["image"]["model"] == "demo-diffusion" and deployed["image"]["size"] == "32x32"
+
+    # `pipelines lineage` from the served adapter back to the crawl's input lists, as they are on disk.
+    def sha256(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    adapter = lineage(state, "models:/demo-chat/1")
+    assert adapter["kind"] == "LoRA adapter" and adapter["parents"][0]["model"] == "models:/demo-lm/1"
+    text = adapter["parents"][0]["data"][0]
+    assert text["digest"] == summary["curate-text"]["result"]["digest"] and text["matches"] is True
+    assert text["stage"]["name"] == "curate" and text["input"]["digest"] == summary["crawl-text"]["result"]["digest"]
+    assert crawl_hop(text)["stage"]["input_digest"] == sha256(sample["pages"])
+    examples = adapter["data"][0]
+    assert examples["role"] == "examples" and examples["matches"] is True
+    assert crawl_hop(examples)["stage"]["converted_from"]["sha256"] == sha256(sample["instructions"])
+    clip = lineage(state, "models:/demo-clip@champion")["data"][0]
+    assert clip["digest"] == summary["curate-images"]["result"]["digest"] and clip["matches"] is True
+    assert crawl_hop(clip)["stage"]["input_digest"] == sha256(sample["images"])
+    diffusion = lineage(state, "models:/demo-diffusion@champion")
+    assert {p["role"]: p["model"] for p in diffusion["parents"]} == {
+        "text encoder": "models:/demo-clip/1", "autoencoder": "models:/demo-autoencoder/1"}
+    encoded = diffusion["data"][0]
+    assert encoded["digest"] == latents["digest"] and encoded["stage"]["autoencoder"] == "models:/demo-autoencoder/1"
+    assert encoded["input"]["digest"] == summary["curate-images"]["result"]["digest"]
+    assert crawl_hop(encoded)["stage"]["input_digest"] == sha256(sample["images"])
 
     records = prefect_records(state)
     assert records["flow"] and records["state"] == "Completed"
@@ -158,14 +216,16 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any]) -> N
     assert any("RayTrainWorker" in m and "loss" in m for m in records["logs"])
     assert {"crawl-images", "curate-text", "pretrain", "pretrain-mlflow-run", "pretrain-model-version",
             "finetune-model-version", "pretrain-clip-model-version", "curate-text-report", "endpoint",
-            "smoke-request"} <= set(records["artifacts"])
+            "smoke-request", "smoke-image", "pretrain-autoencoder", "encode", "pretrain-diffusion", "pretrain-diffusion-samples",
+            "pretrain-diffusion-model-version"} <= set(records["artifacts"])
 
 
 def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, Any]) -> None:
-    summary, _ = run_flow(state)
+    summary, output = run_flow(state)
 
     assert {stage: summary[stage]["state"] for stage in CACHED_STAGES} == {stage: "Cached" for stage in CACHED_STAGES}
     assert summary["deploy"]["result"]["tokens"] > 0  # the endpoint is live again, on the same versions
+    assert summary["deploy"]["result"]["image"]["size"] == "32x32"
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/1"
     assert versions(state, "demo-lm") == ["1"] and versions(state, "demo-chat") == ["1"]
     assert versions(state, "demo-clip") == ["1"]
@@ -173,6 +233,9 @@ def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, 
     states = {t["name"].rsplit("-", 1)[0]: t["state"] for t in records["tasks"]}
     assert states["pretrain"] == states["finetune"] == states["crawl-text"] == "Cached"
     assert states["deploy"] == "Completed"
+    # The summary table, piped (not a terminal): each path on one line, not folded at 80 columns.
+    report = f"{state['root']}/work/curated/text/report.html"
+    assert any(report in line for line in output.splitlines()), output[-3000:]
 
 
 def curate_text_with(state: dict[str, Any], min_words: int) -> tuple[dict[str, Any], str]:
@@ -191,7 +254,8 @@ def test_changed_curation_config_reruns_curate_and_what_follows(state: dict[str,
     assert {s: summary[s]["state"] for s in CACHED_STAGES} == {
         "crawl-images": "Cached", "crawl-text": "Cached", "curate-images": "Cached",
         "curate-text": "Completed", "pretrain": "Completed", "finetune": "Completed",
-        "pretrain-clip": "Cached"}  # the image branch did not change
+        "pretrain-clip": "Cached", "pretrain-autoencoder": "Cached", "encode": "Cached",
+        "pretrain-diffusion": "Cached"}  # the image branch did not change
     assert summary["curate-text"]["result"]["removed"].get("length", 0) > 0
     assert_shard_sets_load(state, summary, "curate-text")
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/2"

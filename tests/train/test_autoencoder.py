@@ -158,6 +158,25 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path: Path, shards: str, trac
     assert resumed.metrics["heldout_psnr"] == pytest.approx(straight.metrics["heldout_psnr"], abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_heldout_fd_clip_with_a_registered_clip(tmp_path: Path, shards: str, tracking: MlflowClient,
+                                                 tiny_clip: Path) -> None:
+    from pipelines.train.registry import register_clip, training_run
+
+    with training_run("autoencoder-tests", None, {}) as run_id:
+        pass
+    register_clip(str(tiny_clip), "tiny-clip", run_id=run_id, metric="recall_at_1", value=1.0)
+    config = tiny_config(tmp_path, shards, {"disc_start": 100}, max_steps=4, eval_batches=2)
+    config.evaluation.eval_clip = "models:/tiny-clip@champion"
+    config.registry.register_model = False
+    result = pretrain_autoencoder(config)
+
+    logged = tracking.get_run(result.mlflow_run_id).data.metrics
+    assert "heldout_fd_clip" in logged and math.isfinite(logged["heldout_fd_clip"]) and logged["heldout_fd_clip"] > 0
+    assert logged["heldout_fd_clip"] == pytest.approx(result.metrics["heldout_fd_clip"])
+
+
 def test_shipped_config_loads() -> None:
     from pipelines.config import load_config
 

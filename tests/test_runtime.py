@@ -1,0 +1,68 @@
+"""Ray's own chatter stays out of what a person reads. The local autoscaler's status block (every 5 s) is not logged,
+and where a monitor does log it (a cluster set up so) it is not forwarded to the console or the Prefect logs
+(`worker_logs_to`); the workers' lines and the autoscaler's events (a request no node can fulfil) still are."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STATUS = "Autoscaler status"
+RUN = """
+import json, sys, time
+from pathlib import Path
+
+import ray
+
+from pipelines.runtime import init_ray, worker_logs_to
+
+init_ray(num_cpus=1)
+
+
+@ray.remote
+def hello():
+    print("hello from a worker")
+
+
+@ray.remote(num_cpus=64)
+def too_big():
+    pass
+
+
+lines = []
+with worker_logs_to(lines.append):
+    ray.get(hello.remote())
+    too_big.remote()
+    deadline = time.time() + 90
+    while time.time() < deadline and not any("fulfill" in line for line in lines):
+        time.sleep(0.5)
+    time.sleep(6)  # another round of the autoscaler, which would log its status every 5 s
+monitor_log = Path(ray._private.worker._global_node.get_logs_dir_path(), "monitor.log").read_text()
+ray.shutdown()
+Path(sys.argv[1]).write_text(json.dumps({"sink": lines, "monitor_log": monitor_log}))
+"""
+
+
+@pytest.mark.parametrize("status_log", [None, "1"], ids=["local-default", "monitor-logs-status"])
+def test_ray_status_stays_out_of_the_console_and_the_task_logs(status_log: str | None, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_CLUSTER_STATUS_LOG")}
+    if status_log:
+        env["RAY_ENABLE_CLUSTER_STATUS_LOG"] = status_log
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-c", RUN, str(report)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(report.read_text())
+    sink = "\n".join(seen["sink"])
+    assert "hello from a worker" in sink  # the workers' lines pass
+    assert "No available node types can fulfill resource request" in sink, sink  # and what a user can act on
+    assert STATUS not in sink and STATUS not in proc.stdout + proc.stderr
+    # By default the local monitor does not log it at all; when it does, the forwarding is what holds it back.
+    assert (STATUS in seen["monitor_log"]) == bool(status_log)
