@@ -14,7 +14,7 @@ from pipelines.train.config import PRETRAIN_KIND, EngineConfig, OptimConfig, Reg
 # The downsampling factor is 2 ** (blocks - 1). `sd` is Stable Diffusion's f8 autoencoder (84M parameters).
 # `tiny` leaves out the mid-block attention: without it the small model learns several times faster on a CPU.
 AUTOENCODER_PRESETS: dict[str, tuple[tuple[int, ...], int, int, bool]] = {
-    "tiny": ((32, 64), 1, 16, False),
+    "tiny": ((64, 64), 1, 16, False),
     "small": ((64, 128, 256), 2, 32, True),
     "sd": ((128, 256, 512, 512), 2, 32, True),
 }

@@ -420,15 +420,8 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
     engine.train()
     dtype = torch.bfloat16 if bf16 else torch.float32
     stop_at = min(e.max_steps, e.stop_after or e.max_steps)
-    _prof_dir = __import__("os").environ.get("PIPELINES_LOOP_PROFILE")  # TEMPORARY profiling switch
-    _marks = []
-    if _prof_dir:
-        import cProfile
-        _prof = cProfile.Profile()
-        _prof.enable()
     while step < stop_at:
         started = time.perf_counter()
-        _marks.append({"start": started, "cpu": time.process_time(), "thread": time.thread_time()})
         total = torch.zeros((), device=device)
         for micro in range(e.grad_accum):
             x, captions = next(batches)
@@ -458,11 +451,9 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
             dist.all_reduce(total)
         loss_value = total.item() / (e.grad_accum * world)
         seconds = time.perf_counter() - started
-        _marks[-1]["stepped"] = time.perf_counter()
         if metrics_log:
             metrics_log.add(step, {"loss": loss_value, "lr": schedule.get_last_lr()[0],
                                    "samples_per_s": samples_per_step / seconds, "step_s": seconds})
-        _marks[-1]["logged"] = time.perf_counter()
         last = step == stop_at
         scored: dict[str, float] = {}
         if (last and step == e.max_steps) or (config.sampling.eval_every and step % config.sampling.eval_every == 0):
@@ -477,12 +468,6 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
                 metrics_log.flush()
             save_checkpoint(engine, stream, rank, step, report,
                             extra=lambda folder: ema_or_weights(ema, engine.module, obj).save(f"{folder}/{EMA_FILE}"))
-        _marks[-1]["end"] = time.perf_counter()
-    if _prof_dir:
-        _prof.disable()
-        Path(_prof_dir).mkdir(parents=True, exist_ok=True)
-        _prof.dump_stats(f"{_prof_dir}/loop-rank{rank}.prof")
-        Path(_prof_dir, f"marks-rank{rank}.json").write_text(json.dumps(_marks))
     if metrics_log:
         metrics_log.close()
 

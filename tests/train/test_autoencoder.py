@@ -31,7 +31,6 @@ def tiny_config(tmp_path: Path, shards: str, loss: dict[str, Any] | None = None,
         "model": {"preset": "tiny", "image_size": 32},
         "loss": {"disc_start": 10, "disc_layers": 2, "disc_channels": 16, **(loss or {})},
         "data": {"shards": shards, "shuffle_buffer": 64, "heldout_percent": 10},
-        "optim": {"lr": 5e-3, "warmup_steps": 10, "beta1": 0.9, "beta2": 0.99},
         "engine": {"workers": 1, "micro_batch": 16, "max_steps": 20, "checkpoint_every": 50, "eval_batches": 3,
                    **engine},
         "registry": {"experiment": "test-autoencoder", "model_name": "tiny-autoencoder"},
@@ -87,31 +86,29 @@ def test_trains_registers_with_scaling_factor_and_switches_the_gan_on(tmp_path: 
 
     from pipelines.train.registry import registered_folder
 
-    config = tiny_config(tmp_path, shards, {"disc_start": 370}, max_steps=400, eval_batches=4)
+    # 800 steps of 8 images (reconstruction alone), then 20 with the discriminator: it is switched on and
+    # measured, but a GAN this young only adds noise to the reconstructions.
+    config = tiny_config(tmp_path, shards, {"disc_start": 780}, max_steps=800, micro_batch=8, checkpoint_every=800,
+                         eval_batches=8)
     result = pretrain_autoencoder(config)
 
-    assert not result.stopped and result.steps == 400
+    assert not result.stopped and result.steps == 800
     metrics = tracking.get_run(result.mlflow_run_id).data.metrics
     assert {"loss", "rec_loss", "kl_loss", "g_loss", "d_loss", "adaptive_weight", "samples_per_s",
             "heldout_l1", "latent_std", "scaling_factor"} <= set(metrics)
     # The discriminator (and with it the adversarial term) starts after disc_start steps, not before.
     d_loss = metric_history(tracking, result.mlflow_run_id, "d_loss")
     weights = metric_history(tracking, result.mlflow_run_id, "adaptive_weight")
-    assert sorted(d_loss) == sorted(weights) == list(range(371, 401))
-    assert sorted(metric_history(tracking, result.mlflow_run_id, "rec_loss")) == list(range(1, 401))
+    assert sorted(d_loss) == sorted(weights) == list(range(781, 801))
+    assert sorted(metric_history(tracking, result.mlflow_run_id, "rec_loss")) == list(range(1, 801))
     assert all(math.isfinite(w) and w > 0 for w in weights.values()), weights
 
-    # Held-out reconstructions: clearly better than the images' mean colours (what a decoder learns first).
-    # A blur of the same compression (f2: 34 dB on these smooth shapes) is out of reach of a few hundred CPU
-    # steps (the tiny model reaches ~21 dB here), so it is only shown when this fails.
+    # Held-out reconstructions clearly beat a blur of the same compression (f2: 16x16x4 latents against a
+    # 16x16x3 thumbnail; 34.4 dB on these held-out shapes; the autoencoder reaches about 36.8).
     images = heldout_images(open_shards(shards), 10, 64)
-    from pipelines.train.image_eval import psnr
-
-    flat = [(image_pixels(data, 32) + 1) / 2 for data in images]
-    mean_colour = psnr(np.stack(flat), np.stack([np.broadcast_to(p.mean((1, 2), keepdims=True), p.shape)
-                                                 for p in flat]))
-    assert metrics["heldout_psnr"] > mean_colour + 2, (metrics["heldout_psnr"], mean_colour,
-                                                       blur_psnr(images, downsample_factor(config.model)))
+    blur = blur_psnr(images, downsample_factor(config.model))
+    assert metrics["heldout_images"] == len(images)
+    assert metrics["heldout_psnr"] > blur + 1, (metrics["heldout_psnr"], blur)
 
     assert result.registered.champion and result.registered.uri == "models:/tiny-autoencoder/1"
     version = tracking.get_model_version("tiny-autoencoder", "1")
@@ -120,6 +117,8 @@ def test_trains_registers_with_scaling_factor_and_switches_the_gan_on(tmp_path: 
     vae = AutoencoderKL.from_pretrained(registered_folder("autoencoder", "models:/tiny-autoencoder@champion"))
     assert vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"], rel=1e-5)
     assert float(version.tags["scaling_factor"]) == pytest.approx(vae.config.scaling_factor, rel=1e-5)
+    from pipelines.train.image_eval import psnr
+
     x = torch_pixels(images)
     import torch
 
@@ -127,7 +126,8 @@ def test_trains_registers_with_scaling_factor_and_switches_the_gan_on(tmp_path: 
         latents = vae.encode(x).latent_dist.mean
         again = vae.decode(latents).sample.clamp(-1, 1)
     assert latents.shape == (len(images), 4, 16, 16)
-    assert psnr((x.numpy() + 1) / 2, (again.numpy() + 1) / 2) > mean_colour + 2  # the export is the trained model
+    exported = psnr((x.numpy() + 1) / 2, (again.numpy() + 1) / 2)
+    assert exported == pytest.approx(metrics["heldout_psnr"], abs=0.01)  # the export is the trained model
 
 
 def torch_pixels(images: list[bytes]) -> Any:
@@ -158,7 +158,6 @@ def test_stop_and_resume_equals_a_straight_run(tmp_path: Path, shards: str, trac
     assert resumed.metrics["heldout_psnr"] == pytest.approx(straight.metrics["heldout_psnr"], abs=1e-4)
 
 
-@pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_heldout_fd_clip_with_a_registered_clip(tmp_path: Path, shards: str, tracking: MlflowClient,
                                                  tiny_clip: Path) -> None:
