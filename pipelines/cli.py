@@ -58,7 +58,12 @@ class Group(_UserHelp, TyperGroup):
     """A group of commands (`pipelines`, `pipelines crawl`), its help as `_UserHelp` shows it."""
 
 
-wide_when_piped()
+if wide_when_piped():
+    # ... but help and usage errors are prose in panels that rich would stretch to that width: give them a
+    # reader's width instead (TERMINAL_WIDTH, typer's own setting, wins when the user set it).
+    import typer.rich_utils
+
+    typer.rich_utils.MAX_WIDTH = typer.rich_utils.MAX_WIDTH or 100
 app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="From raw web data to a served generative model. `pipelines COMMAND --help` shows a "
                        "command's options; each can also be set in a YAML file given with --config.")

@@ -237,11 +237,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def wide_when_piped() -> None:
+def wide_when_piped() -> bool:
     """Output that is not a terminal (a file, a pipe, the Prefect logs) has no width to wrap to, and rich would
     fold table cells, paths included, at its default 80 columns: give it room (COLUMNS, which rich reads) unless
-    the user set a width."""
+    the user set a width. True when it did."""
     import sys
 
-    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        os.environ["COLUMNS"] = "1000"
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return False
+    os.environ["COLUMNS"] = "1000"
+    return True

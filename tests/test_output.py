@@ -25,3 +25,14 @@ def test_piped_summary_keeps_long_paths_whole(tmp_path: Path) -> None:
     manifest = str(deep / "manifest.json")
     assert len(manifest) > 120
     assert any(manifest in line for line in output.splitlines()), output  # on one line, not folded at 80
+
+
+def test_piped_help_and_usage_errors_keep_a_readers_width() -> None:
+    """Tables get room when piped, but help and a usage error are prose in panels: not 1000 columns of box."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    for args, code in ((["pretrain", "--help"], 0), (["pretrain", "--no-such-option"], 2)):
+        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=120)
+        assert proc.returncode == code, proc.stderr[-2000:]
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert len(lines) > 3 and max(len(line) for line in lines) <= 100, max(lines, key=len)
