@@ -106,6 +106,7 @@ class OpenAIServer:
         if tracking_uri:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         configure_tracking()
+        quiet_loading()
         self._resolve_version = resolve_version
         self.config = ServeConfig.model_validate(config)
         self.access = AccessControl(self.config.access.resolve_keys(), self.config.access.rate_limit)
@@ -454,6 +455,17 @@ def replica_args(config: ServeConfig) -> dict[str, Any]:
 TUNING = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
 
 
+def quiet_loading() -> None:
+    """No progress bars for downloading a model's files and loading its weights: they fill the replica's log
+    (and the Prefect logs of a deploy task) with lines that are not the user's progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+
+
 def ray_serve_env(config: ServeConfig) -> dict[str, str]:
     """Serve's settings for `config`, read by Ray's processes when they start (so: set before Ray starts).
 
@@ -544,7 +556,9 @@ def serve_model(config: ServeConfig) -> str | None:
         for port in range(config.port, config.port + config.most_replicas):
             _check_port_free(config.host, port)
     init_ray()
-    serve.start(http_options={"host": config.host, "port": config.serve_proxy_port})
+    # Serve's controller and proxies log every replica added and route updated at INFO: internals, not progress.
+    serve.start(http_options={"host": config.host, "port": config.serve_proxy_port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
     try:
         serve.run(build_app(replica_args(config)), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as e:  # the replica's constructor failed (e.g. no such model): its error, one line
