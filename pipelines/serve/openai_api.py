@@ -27,8 +27,8 @@ the benchmark also mounts it on plain uvicorn). A server may serve several base 
 
 Every error has OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: malformed JSON 400,
 a field of the wrong type or out of its range (NaN and infinities included, a seed outside
-[-2**63, 2**64-1], text with a lone surrogate) 400 on the language model's routes (as OpenAI and vLLM
-answer) and 422 on the others, an unknown model 404, a prompt longer than the context (or max_tokens
+[-2**63, 2**64-1], text with a lone surrogate) 400 on every route (as OpenAI and vLLM answer; never
+FastAPI's 422), an unknown model 404, a prompt longer than the context (or max_tokens
 past it or past the server's limit) 400, a missing or wrong key 401, over the rate limit 429 with
 Retry-After. A model asked for what its kind does not serve (completions of a CLIP or diffusion model,
 images of an LM or CLIP model, similarity of anything but CLIP) gets a 400 naming its kind, as does an
@@ -111,11 +111,6 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-# The language model's routes answer a request that fails validation with 400, as OpenAI and vLLM do; the
-# other routes still answer 422.
-_VALIDATION_400 = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
-
-
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
@@ -123,7 +118,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     if first["type"] == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
         return error_response(400, f"request body is not valid JSON ({detail})", code="invalid_json")
-    status = 400 if request.url.path in _VALIDATION_400 else 422
+    status = 400  # OpenAI's (and vLLM's) answer to a request that fails validation, on every route
     param = _param(first["loc"])
     if first["type"] == "extra_forbidden":
         return error_response(status, f"unknown parameter {param}: this server does not implement it", param=param,
@@ -558,10 +553,10 @@ class Reloaded(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses: OpenAI's error body for each status."""
-    what = {400: "Invalid request (a value the server cannot serve, too long, not decodable, a field not "
-                 "implemented; on the LM routes also a field of the wrong type or out of its range)",
+    what = {400: "Invalid request (a field of the wrong type or out of its range, a value the server cannot "
+                 "serve, too long, not decodable, a field not implemented)",
             401: "Missing or wrong API key", 404: "Unknown model", 413: "Body larger than max_body_bytes",
-            422: "A field of the wrong type or out of its range", 429: "Over the rate limit (Retry-After)",
+            429: "Over the rate limit (Retry-After)",
             503: "An adapter could not be loaded now; retry"}
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
@@ -849,7 +844,7 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse(_tokenizer_info(await tokenizer_of(model)))
 
     @app.post("/v1/embeddings", dependencies=guarded, response_model=EmbeddingList,
-              responses=_errors(400, *denied, 404, 422, 503))
+              responses=_errors(400, *denied, 404, 503))
     async def embeddings(body: EmbeddingRequest) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
         if isinstance(engine, ImageEngine):
@@ -878,7 +873,7 @@ def build_api(server: ModelServer) -> FastAPI:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/similarity", dependencies=guarded, response_model=Similarity,
-              responses=_errors(400, *denied, 404, 422, 503))
+              responses=_errors(400, *denied, 404, 503))
     async def similarity(body: SimilarityRequest) -> JSONResponse:
         engine, _ = await server.resolve(body.model)
         if not isinstance(engine, ClipEngine):
@@ -899,7 +894,7 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse(out | {"usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/v1/images/generations", dependencies=guarded, response_model=ImagesResponse,
-              responses=_errors(400, *denied, 404, 422, 503))
+              responses=_errors(400, *denied, 404, 503))
     async def images(body: ImageRequest, request: Request) -> JSONResponse:
         engine, adapter = await server.resolve(body.model)
         if not isinstance(engine, ImageEngine):
@@ -922,8 +917,7 @@ def build_api(server: ModelServer) -> FastAPI:
     fastapi_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """FastAPI's document without the 422 it adds to every route with inputs: a route's 422 (ErrorBody) is
-        listed where it can answer one; the LM routes answer 400 instead."""
+        """FastAPI's document without the 422 it adds to every route with inputs: validation errors are 400s."""
         if app.openapi_schema is None:
             schema = fastapi_openapi()
             for operation in (op for item in schema["paths"].values() for op in item.values()):

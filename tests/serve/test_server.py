@@ -155,8 +155,8 @@ def test_embeddings_are_normalised_mean_pooled_hidden_states(server: Server, hf_
 # -- bad input -----------------------------------------------------------------------------------
 LONG = "the quick brown fox " * 40
 BAD = [
-    # (what, path, body, status, param, code): the LM routes answer a field that fails validation with 400 (as
-    # OpenAI does), the others with 422
+    # (what, path, body, status, param, code): a field that fails validation is a 400 on every route (as
+    # OpenAI's), never FastAPI's 422
     ("malformed JSON", "/v1/completions", '{"model": "lm", "prompt": ', 400, None, "invalid_json"),
     ("not an object", "/v1/completions", "[1, 2]", 400, None, "model_attributes_type"),
     ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model", "model_not_found"),
@@ -195,8 +195,8 @@ BAD = [
     ("messages not a list", "/v1/chat/completions", {"model": "lm", "messages": "hi"}, 400, "messages", "list_type"),
     ("embedding input too long", "/v1/embeddings", {"model": "lm", "input": LONG}, 400, "input",
      "context_length_exceeded"),
-    ("embedding input empty list", "/v1/embeddings", {"model": "lm", "input": []}, 422, "input", None),
-    ("embedding format unknown", "/v1/embeddings", {"model": "lm", "input": "x", "encoding_format": "hex"}, 422,
+    ("embedding input empty list", "/v1/embeddings", {"model": "lm", "input": []}, 400, "input", None),
+    ("embedding format unknown", "/v1/embeddings", {"model": "lm", "input": "x", "encoding_format": "hex"}, 400,
      "encoding_format", "literal_error"),
     ("embedding dimensions too many", "/v1/embeddings", {"model": "lm", "input": "x", "dimensions": 4096}, 400,
      "dimensions", "invalid_value"),

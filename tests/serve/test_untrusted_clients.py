@@ -127,16 +127,16 @@ BAD = [
     ("chat content a number", "/v1/chat/completions",
      '{"model": "lm", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content"),
     ("chat message null", "/v1/chat/completions", '{"model": "lm", "messages": [null]}', 400, "messages.0"),
-    ("embedding input with a lone surrogate", "/v1/embeddings", '{"model": "lm", "input": "\\udbff"}', 422, "input"),
-    ("embedding input NaN", "/v1/embeddings", '{"model": "lm", "input": [[NaN]]}', 422, "input"),
+    ("embedding input with a lone surrogate", "/v1/embeddings", '{"model": "lm", "input": "\\udbff"}', 400, "input"),
+    ("embedding input NaN", "/v1/embeddings", '{"model": "lm", "input": [[NaN]]}', 400, "input"),
     ("embedding token id out of range", "/v1/embeddings", '{"model": "lm", "input": [[99999999]]}', 400, "input"),
     ("embedding too many inputs", "/v1/embeddings", json.dumps({"model": "lm", "input": ["x"] * 1000}), 400, "input"),
     ("embedding dimensions 10**30", "/v1/embeddings", f'{{"model": "lm", "input": "x", "dimensions": {10**30}}}',
      400, "dimensions"),
-    ("embedding dimensions -1", "/v1/embeddings", '{"model": "lm", "input": "x", "dimensions": -1}', 422,
+    ("embedding dimensions -1", "/v1/embeddings", '{"model": "lm", "input": "x", "dimensions": -1}', 400,
      "dimensions"),
     ("an image for an LM", "/v1/embeddings", '{"model": "lm", "input": [{"image": "iVBORw0KGgo="}]}', 400, "input"),
-    ("similarity on an LM", "/v1/similarity", '{"model": "lm", "images": ["x"], "texts": ["\\ud800"]}', 422,
+    ("similarity on an LM", "/v1/similarity", '{"model": "lm", "images": ["x"], "texts": ["\\ud800"]}', 400,
      "texts"),
     ("body not UTF-8", "/v1/completions", b'{"model": "lm", "prompt": "\xff\xfe"}', 400, None),
     ("body nested 100000 deep", "/v1/completions", "[" * 100_000 + "]" * 100_000, 400, None),
@@ -295,9 +295,7 @@ def test_openapi_document_describes_every_route_and_error(server: Server) -> Non
                  "/v1/images/generations", "/tokenize", "/detokenize"]:
         operation = paths[path]["post"]
         assert {"200", "400", "401", "404", "413"} <= set(operation["responses"]), path
-        # The LM routes answer a field that fails validation with 400, as OpenAI does; the others with 422.
-        assert ("422" in operation["responses"]) == (path in {"/v1/embeddings", "/v1/similarity",
-                                                              "/v1/images/generations"}), path
+        assert "422" not in operation["responses"], path  # a field that fails validation is a 400, as OpenAI's
         assert operation["requestBody"]["content"]["application/json"]["schema"], path
         assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
     assert paths["/v1/completions"]["post"]["security"] == [{"HTTPBearer": []}]
