@@ -19,6 +19,7 @@ from pipelines import __version__
 from pipelines.config import config_command, one_line_errors
 from pipelines.curate.config import CurateConfig
 from pipelines.errors import PipelineError
+from pipelines.evaluate.config import EvalConfig
 from pipelines.ingest.config import ImageCrawlConfig, TextCrawlConfig
 from pipelines.runtime import wide_when_piped
 from pipelines.serve.config import ServeConfig
@@ -180,6 +181,19 @@ def finetune(config: FinetuneConfig) -> None:
     run(config)
 
 
+def evaluate(config: EvalConfig) -> None:
+    """Evaluate a registered language model with lm-evaluation-harness; log the scores to its MLflow run.
+
+    The tasks are the harness's: those shipped in configs/eval (demo-cloze, multiple choice by log-likelihood;
+    demo-qa, generated answers by exact match), any folder of task YAML files given with --include-path, and the
+    harness's own when their data is at hand. The model is served here for the run (or asked at --endpoint); every
+    score goes to the MLflow run that registered the version, and onto the version as a tag. With --metric and
+    --threshold, --alias (champion) moves to the version only when the metric passes."""
+    from pipelines.evaluate.run import evaluate as run
+
+    run(config)
+
+
 crawl_app.command("images", cls=Command)(config_command(ImageCrawlConfig, crawl_images))
 crawl_app.command("text", cls=Command)(config_command(TextCrawlConfig, crawl_text))
 app.command("curate", cls=Command)(config_command(CurateConfig, curate))
@@ -190,6 +204,7 @@ app.command("pretrain", cls=Command)(config_command(
 app.command("pretrain-clip", cls=Command)(config_command(ClipPretrainConfig, pretrain_clip))
 app.command("serve", cls=Command)(config_command(ServeConfig, serve))
 app.command("finetune", cls=Command)(config_command(FinetuneConfig, finetune))
+app.command("eval", cls=Command)(config_command(EvalConfig, evaluate))
 
 
 FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "pretrain-clip", "finetune", "deploy",

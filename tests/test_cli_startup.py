@@ -21,7 +21,7 @@ from pipelines.cli import app
 ROOT = Path(__file__).resolve().parents[1]
 # The stages' packages, each a second or more to import (pandas, pyarrow and OpenCV a few tenths).
 HEAVY = {"torch", "transformers", "ray", "mlflow", "prefect", "diffusers", "deepspeed", "peft", "pandas", "pyarrow",
-         "cv2"}
+         "cv2", "lm_eval"}
 RUN = """
 import json, sys
 report, heavy, args = sys.argv[1], set(sys.argv[2].split(",")), sys.argv[3:]
@@ -59,8 +59,8 @@ def run_cli(args: list[str], tmp_path: Path) -> tuple[int, list[str], str]:
 
 def test_there_is_a_command_of_every_stage() -> None:
     words = {" ".join(path) for path in COMMANDS}
-    assert {"", "crawl images", "crawl text", "curate", "encode", "pretrain", "finetune", "serve", "flow",
-            "lineage", "version"} <= words
+    assert {"", "crawl images", "crawl text", "curate", "encode", "pretrain", "finetune", "serve", "eval",
+            "flow", "lineage", "version"} <= words
 
 
 @pytest.mark.parametrize("words", COMMANDS, ids=lambda words: " ".join(words) or "pipelines")
