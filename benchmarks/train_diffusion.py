@@ -93,7 +93,7 @@ def clip_tokenizer(words):
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
-def make_workload(workdir, images, preset, seed, env, timeout):
+def make_workload(workdir, images, preset, seed, env, timeout, vae="tiny"):
     """Image shards, autoencoder, CLIP, latent shards, imagefolder and SD pipeline folder, once; returns their
     paths."""
     sys.path.insert(0, REPO)
@@ -101,14 +101,14 @@ def make_workload(workdir, images, preset, seed, env, timeout):
     w = os.path.join(workdir, "workload")
     paths = {"images": f"{w}/image-shards", "latents": f"{w}/latent-shards", "imagefolder": f"{w}/imagefolder",
              "autoencoder": f"{w}/autoencoder", "clip": f"{w}/clip", "pipeline": f"{w}/sd-pipeline-{preset}-{seed}"}
-    marker, want = f"{w}/marker", f"images={images}"
+    marker, want = f"{w}/marker", f"images={images} vae={vae}"
     if not (os.path.exists(marker) and open(marker).read().strip() == want):
         shutil.rmtree(w, ignore_errors=True)
         os.makedirs(w)
         shutil.rmtree(os.path.join(workdir, "home"), ignore_errors=True)  # the old registrations go with it
         if os.path.exists(os.path.join(workdir, "mlflow.db")):
             os.remove(os.path.join(workdir, "mlflow.db"))
-        build_sources(paths, images, seed, env, timeout, workdir)
+        build_sources(paths, images, seed, env, timeout, workdir, vae)
         with open(marker, "w") as f:
             f.write(want + "\n")
     if not os.path.exists(os.path.join(paths["pipeline"], "model_index.json")):
@@ -116,7 +116,7 @@ def make_workload(workdir, images, preset, seed, env, timeout):
     return paths
 
 
-def build_sources(paths, images, seed, env, timeout, workdir):
+def build_sources(paths, images, seed, env, timeout, workdir, vae):
     """Everything but the SD pipeline folder (which depends on the preset and seed)."""
     t = time.perf_counter()
     from pipelines.shards import read_tar
@@ -127,8 +127,8 @@ def build_sources(paths, images, seed, env, timeout, workdir):
 
     print(f"workload: {images} captioned shapes as image shards ...", flush=True)
     write_shape_shards(paths["images"], count=images, per_shard=250, seed=1)
-    print("workload: training the tiny autoencoder ...", flush=True)
-    posterior_spread = train_autoencoder(paths["autoencoder"], paths["images"], seed)
+    print(f"workload: training the {vae} autoencoder ...", flush=True)
+    posterior_spread = train_autoencoder(paths["autoencoder"], paths["images"], seed, vae)
     print(f"workload: autoencoder posterior std / latent spread = {posterior_spread:.3f}", flush=True)
     words = sorted({word for caption in CAPTIONS for word in caption.split()})
     config = ClipModelConfig(preset="tiny", image_size=32, patch_size=8, max_text_len=8)
@@ -160,8 +160,10 @@ def build_sources(paths, images, seed, env, timeout, workdir):
     print(f"workload: done in {time.perf_counter() - t:.1f}s ({kept} training images)")
 
 
-def train_autoencoder(folder, image_shards, seed, steps=200, batch=32):
-    """tests/tiny_autoencoder.py's autoencoder (f2, 4 latent channels, 32 px), trained on the workload's images
+def train_autoencoder(folder, image_shards, seed, vae="tiny", steps=200, batch=32):
+    """tests/tiny_autoencoder.py's autoencoder (f2, 4 latent channels, 32 px; `vae="small"`: the `small` preset
+    of `pipelines pretrain --kind autoencoder`, f4 with 2 layers per block and mid-block attention like Stable
+    Diffusion's VAE, on 64 px images, 60 steps of 16), trained on the workload's images
     with the decoder fed posterior samples, its log-variance started at -8: a posterior as tight as Stable
     Diffusion's VAE's, so that the peer's (and ours-images') `latent_dist.sample()` and the precomputed
     posterior means are nearly the same latents. (A fresh posterior has std 1, which the 1e-6 KL weight never
@@ -175,9 +177,16 @@ def train_autoencoder(folder, image_shards, seed, steps=200, batch=32):
     from pipelines.train.data import open_shards
     from tests.tiny_autoencoder import IMAGE_SIZE, tiny_vae
 
+    if vae == "small":
+        from pipelines.train.autoencoder import build_autoencoder
+        from pipelines.train.autoencoder_config import AutoencoderModelConfig
+
+        size, steps, batch = 64, 60, 16
+        vae = build_autoencoder(AutoencoderModelConfig(preset="small", image_size=size), seed)
+    else:
+        size, vae = IMAGE_SIZE, tiny_vae(seed)
     jpgs = [s["jpg"] for url in open_shards(image_shards).tars for s in read_tar(url, ("jpg",)).values()]
-    x = torch.from_numpy(np.stack([image_pixels(data, IMAGE_SIZE) for data in jpgs]))
-    vae = tiny_vae(seed)
+    x = torch.from_numpy(np.stack([image_pixels(data, size) for data in jpgs]))
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -432,6 +441,9 @@ def main():
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "sd"], help="UNet preset (both sides)")
     ap.add_argument("--micro-batch", type=int, default=16, help="samples per step (ours --micro-batch, peer "
                                                                 "--train_batch_size)")
+    ap.add_argument("--vae", default="tiny", choices=["tiny", "small"],
+                    help="the autoencoder: tiny (f2, 32 px: encoding is ~3%% of a step) or small (SD's VAE shape "
+                         "scaled down, f4, 64 px: encoding ~30%% of a step, as in Stable Diffusion training)")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of samples/s")
     ap.add_argument("--lr", type=float, default=5e-4, help="constant learning rate (no warm-up), all loops")
@@ -464,7 +476,7 @@ def main():
     env.update(PIPELINES_HOME=os.path.join(workdir, "home"), MLFLOW_TRACKING_URI=f"sqlite:///{workdir}/mlflow.db",
                RAY_USAGE_STATS_ENABLED="0")
     cpus = args.cpus or os.cpu_count()
-    paths = make_workload(workdir, args.images, args.preset, args.seed, env, args.timeout)
+    paths = make_workload(workdir, args.images, args.preset, args.seed, env, args.timeout, args.vae)
     from diffusers import AutoencoderKL
 
     resolution = AutoencoderKL.load_config(paths["autoencoder"])["sample_size"]
