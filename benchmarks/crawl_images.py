@@ -1,7 +1,7 @@
 """Side-by-side crawl benchmark: our image crawler vs img2dataset 1.47.0, same workload, same machine, one run.
 
     .venv/bin/python benchmarks/crawl_images.py [--n 3000] [--runs 3] [--port 8089] [--workdir .bench/crawl]
-                                                [--ours-args "..."] [--timeout 900] [--skip-ceiling]
+                                                [--ours-args "..."] [--timeout 900] [--skip-ceiling] [--contention]
 
 What it does:
   1. Builds the workload with ../shared/workloads/make_images.py into WORKDIR (skipped when WORKDIR/urls.tsv
@@ -11,8 +11,17 @@ What it does:
   4. Alternates R runs of img2dataset and of `pipelines crawl images`, each into a fresh output folder, timing the
      whole process. Success counts come from img2dataset's *_stats.json and from our OUT/manifest.json.
   5. Measures the single-core decode+resize+encode ceiling (OpenCV full decode, OpenCV reduced decode, ours)
-     over the first 500 decodable img*.jpg files, in a subprocess pinned to CPU 0.
+     over the first 500 decodable img*.jpg files, in a subprocess pinned to CPU 0, and ours on two threads
+     (unpinned): the two-thread ceiling the full phase is compared with.
   Prints a markdown table and writes raw per-run figures and medians to WORKDIR/results.json.
+
+--contention: every run of both tools runs beside one other CPU-bound process (a Python busy loop at niceness 0,
+started just before the run and stopped just after it), as on a machine where another job runs; results go to
+WORKDIR/results-contention.json, with the CPU share the busy loop got during each run.
+
+"Full phase": the span during which as many shards run at once as the tool has workers (2 here), from each
+tool's shard stats (start/end times); its rate counts each shard's rows in proportion to the part of the shard's
+span inside the phase. It leaves out process start, the ramp-up and the tail where fewer shards run.
 
 Rates: "wall rate" = successes / whole-process wall time (start-up included) for both tools.
 "tool rate" = what each tool reports: img2dataset's final "total ... images per sec" line (which counts ALL rows,
@@ -149,6 +158,57 @@ def timed(cmd, log_path, timeout):
     return rc, wall, open(log_path, errors="replace").read()
 
 
+def full_phase(spans, slots=2):
+    """(rows/s, seconds) over the time `slots` shards run at once; spans = [(start, end, rows)]."""
+    edges = sorted({t for a, b, _ in spans for t in (a, b)})
+    phase, rows = 0.0, 0.0
+    for lo, hi in zip(edges, edges[1:]):
+        running = [(a, b, n) for a, b, n in spans if a <= lo and b >= hi]
+        if len(running) >= slots:
+            phase += hi - lo
+            rows += sum(n * (hi - lo) / (b - a) for a, b, n in running if b > a)
+    return (rows / phase if phase > 0 else None), phase
+
+
+def shard_spans(paths):
+    spans = []
+    for path in paths:
+        try:
+            s = json.load(open(path))
+            spans.append((s["start_time"], s["end_time"], s["count"]))
+        except (OSError, ValueError, KeyError):
+            pass
+    return spans
+
+
+class BusyLoop:
+    """One other CPU-bound process (niceness 0) for the length of a run; its CPU share is recorded."""
+
+    def __init__(self, enabled):
+        self.enabled, self.proc = enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return
+        fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        self.share = cpu / (time.perf_counter() - self.started)
+        self.proc.kill()
+        self.proc.wait()
+
+    def record(self, rec):
+        rec["load_1min_after"] = os.getloadavg()[0]
+        if self.proc is not None:
+            rec["busy_loop_cpu_share"] = self.share
+        return rec
+
+
 def run_img2dataset(exe, workdir, run, timeout):
     out = os.path.join(workdir, "out-img2dataset")
     shutil.rmtree(out, ignore_errors=True)
@@ -170,6 +230,8 @@ def run_img2dataset(exe, workdir, run, timeout):
         span = max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)
         rec["stats_span_s"] = span
         rec["success_per_stats_span"] = rec["success"] / span if span > 0 else None
+        rec["full_phase_rate"], rec["full_phase_s"] = full_phase(
+            shard_spans(sorted(glob.glob(os.path.join(out, "*_stats.json")))))
     reported = re.findall(r"^total\s*-.*images per sec: ([0-9.]+)", output, re.M)
     if reported:
         rec["tool_rate"] = float(reported[-1])
@@ -197,6 +259,8 @@ def run_ours(workdir, run, extra_args, timeout):
         rec.update(success=stats["success"], total=stats["total"], elapsed_s=stats["elapsed_s"],
                    tool_rate=stats["rows_per_s"], tool_rate_source="manifest.json stats.rows_per_s",
                    samples_per_s=stats["samples_per_s"])
+        rec["full_phase_rate"], rec["full_phase_s"] = full_phase(
+            shard_spans(sorted(glob.glob(os.path.join(out, "*_stats.json")))))
     except (OSError, ValueError, KeyError, TypeError) as e:
         output += f"\n[benchmark] could not read {out}/manifest.json stats: {e!r}"
     ok = rc == 0 and "success" in rec
@@ -219,6 +283,8 @@ def summarise(runs):
         "tool_rate": median([r.get("tool_rate") for r in good]),
         "success": median([r["success"] for r in good]),
         "total": median([r["total"] for r in good]),
+        "full_phase_rate": median([r.get("full_phase_rate") for r in good]),
+        "busy_loop_cpu_share": median([r.get("busy_loop_cpu_share") for r in good]),
     }
 
 
@@ -287,6 +353,17 @@ def ceiling_child(www, limit):
             result["rates"][name] = statistics.median(rates)
         except Exception as e:
             notes.append(f"{name} failed: {e!r}")
+    if "ours" in methods:  # the two-thread ceiling: ours on a pool of 2 threads, both cores
+        from concurrent.futures import ThreadPoolExecutor
+        os.sched_setaffinity(0, range(os.cpu_count()))
+        with ThreadPoolExecutor(2) as pool:
+            rates = []
+            for _ in range(3):
+                t = time.perf_counter()
+                list(pool.map(methods["ours"], blobs))
+                rates.append(len(blobs) / (time.perf_counter() - t))
+        result["passes"]["ours_2_threads"] = rates
+        result["rates"]["ours_2_threads"] = statistics.median(rates)
     print(json.dumps(result))
 
 
@@ -313,6 +390,8 @@ def main():
     ap.add_argument("--ours-args", default="", help="extra flags appended to `pipelines crawl images`")
     ap.add_argument("--timeout", type=float, default=900, help="per-run limit in seconds (img2dataset may hang)")
     ap.add_argument("--skip-ceiling", action="store_true")
+    ap.add_argument("--contention", action="store_true",
+                    help="run both tools beside one other CPU-bound process (a busy loop)")
     ap.add_argument("--ceiling-child", help=argparse.SUPPRESS)
     ap.add_argument("--ceiling-limit", type=int, default=500, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -332,18 +411,22 @@ def main():
     extra = shlex.split(args.ours_args)
 
     runs = {"img2dataset": [], "ours": []}
+    load_before = os.getloadavg()
     try:
         for run in range(args.runs):
             print(f"run {run + 1}/{args.runs}: img2dataset ...", flush=True)
-            r = run_img2dataset(i2d_exe, workdir, run, args.timeout)
-            runs["img2dataset"].append(r)
+            with BusyLoop(args.contention) as busy:
+                r = run_img2dataset(i2d_exe, workdir, run, args.timeout)
+            runs["img2dataset"].append(busy.record(r))
             print(f"  wall {fmt(r['wall_s'])}s, success {r.get('success')}, reported {fmt(r.get('tool_rate'))}/s")
             print(f"run {run + 1}/{args.runs}: ours ...", flush=True)
-            r = run_ours(workdir, run, extra, args.timeout)
-            runs["ours"].append(r)
+            with BusyLoop(args.contention) as busy:
+                r = run_ours(workdir, run, extra, args.timeout)
+            runs["ours"].append(busy.record(r))
             print(f"  wall {fmt(r['wall_s'])}s, success {r.get('success')}, reported {fmt(r.get('tool_rate'))}/s")
     finally:
         stop_nginx()
+    load_after = os.getloadavg()
     ceiling = None if args.skip_ceiling else measure_ceiling(workdir)
 
     med = {tool: summarise(rs) for tool, rs in runs.items()}
@@ -351,14 +434,24 @@ def main():
     ratios = {"wall_rate": ratio(ours.get("wall_rate"), i2d.get("wall_rate")),
               "tool_rate": ratio(ours.get("tool_rate"), i2d.get("tool_rate"))}
 
-    print(f"\n## Crawl benchmark: {args.n} rows, {args.runs} run(s) each, {os.cpu_count()} CPUs\n")
-    print("| tool | median wall (s) | success / wall (img/s) | tool-reported rate (img/s) | successes |")
-    print("|---|---:|---:|---:|---:|")
+    ratios["full_phase_rate"] = ratio(ours.get("full_phase_rate"), i2d.get("full_phase_rate"))
+    beside = " beside a busy loop (--contention)" if args.contention else ""
+    print(f"\n## Crawl benchmark{beside}: {args.n} rows, {args.runs} run(s) each, {os.cpu_count()} CPUs, "
+          f"load (1/5/15 min) {' '.join(f'{x:.2f}' for x in load_before)} before, "
+          f"{' '.join(f'{x:.2f}' for x in load_after)} after\n")
+    print("| tool | median wall (s) | success / wall (img/s) | tool-reported rate (rows/s) | full-phase rate (rows/s) "
+          "| successes |" + (" busy loop's CPU share |" if args.contention else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|" if args.contention else ""))
     for name, m in (("img2dataset 1.47.0", i2d), ("ours (pipelines crawl images)", ours)):
         succ = f"{m['success']:.0f} / {m['total']:.0f}" if m.get("ok_runs") else "failed"
-        print(f"| {name} | {fmt(m.get('wall_s'), 2)} | {fmt(m.get('wall_rate'))} | {fmt(m.get('tool_rate'))} | {succ} |")
-    print(f"| ours / img2dataset | | {fmt(ratios['wall_rate'], 2)}x | {fmt(ratios['tool_rate'], 2)}x | |")
+        busy = f" {fmt(m.get('busy_loop_cpu_share'), 2)} |" if args.contention else ""
+        print(f"| {name} | {fmt(m.get('wall_s'), 2)} | {fmt(m.get('wall_rate'))} | {fmt(m.get('tool_rate'))} "
+              f"| {fmt(m.get('full_phase_rate'))} | {succ} |{busy}")
+    print(f"| ours / img2dataset | | {fmt(ratios['wall_rate'], 2)}x | {fmt(ratios['tool_rate'], 2)}x "
+          f"| {fmt(ratios['full_phase_rate'], 2)}x | |" + (" |" if args.contention else ""))
     print("\nimg2dataset's reported rate counts all rows (failures included); ours is from manifest stats.")
+    print("Per run (wall s): " + "; ".join(
+        f"{tool} {' '.join(fmt(r['wall_s'], 2) for r in rs)}" for tool, rs in runs.items()))
 
     if ceiling:
         r = ceiling["rates"]
@@ -372,15 +465,22 @@ def main():
         print("\nopencv_*: cv2.imdecode (full, or IMREAD_REDUCED_COLOR_2) + INTER_AREA resize to short side 256 +"
               " JPEG q95; opencv_reduced2 upscales images whose short side is < 512 after halving,"
               " opencv_reduced2_if_big uses the reduced decode only where the short side stays >= 256.")
+        if "ours_2_threads" in r:
+            full = ours.get("full_phase_rate")
+            share = ratio(full, r["ours_2_threads"])
+            print(f"\nours on 2 threads (both cores): {r['ours_2_threads']:.0f} images/s; our crawl's full-phase rate "
+                  f"{fmt(full)} rows/s = {fmt(share and 100 * share, 0)}% of it (goal: 75%).")
         for note in ceiling["notes"]:
             print(f"note: {note}")
 
     results = {"n": args.n, "runs_each": args.runs, "port": args.port, "ours_args": extra,
-               "cpus": os.cpu_count(), "runs": runs, "medians": med, "ratios_ours_over_img2dataset": ratios,
+               "cpus": os.cpu_count(), "contention": args.contention, "load_before": load_before,
+               "load_after": load_after, "runs": runs, "medians": med, "ratios_ours_over_img2dataset": ratios,
                "ceiling": ceiling}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
+    path = os.path.join(workdir, "results-contention.json" if args.contention else "results.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\nraw figures: {os.path.join(workdir, 'results.json')}")
+    print(f"\nraw figures: {path}")
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import json
 import math
 import numbers
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -139,33 +140,42 @@ def text_of(value: Any) -> str | None:
     return to_json(storable_value(value))
 
 
-def _fits(value: Any, type_: pa.DataType) -> bool:
-    if value is None:
-        return True
+def _type_check(type_: pa.DataType) -> Callable[[Any], bool]:
+    """Whether a value other than None fits `type_`, as a function (built once per schema field: the checks run for
+    every field of every row)."""
     if pa.types.is_string(type_):
-        return isinstance(value, str)
+        return lambda value: isinstance(value, str)
     if pa.types.is_boolean(type_):
-        return isinstance(value, bool)
+        return lambda value: isinstance(value, bool)
     if pa.types.is_integer(type_):
-        bits = type_.bit_width - 1
-        return isinstance(value, int) and not isinstance(value, bool) and -(2**bits) <= value < 2**bits
+        bound = 2 ** (type_.bit_width - 1)
+        return lambda value: isinstance(value, int) and not isinstance(value, bool) and -bound <= value < bound
     if pa.types.is_floating(type_):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    try:
-        pa.scalar(value, type_)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError):
-        return False
-    return True
+        return lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def scalar_fits(value: Any) -> bool:
+        try:
+            pa.scalar(value, type_)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            return False
+        return True
+
+    return scalar_fits
+
+
+@functools.lru_cache(maxsize=32)
+def _field_checks(schema: pa.Schema) -> tuple[tuple[str, pa.DataType, Callable[[Any], bool]], ...]:
+    return tuple((f.name, f.type, _type_check(f.type)) for f in schema)
 
 
 def invalid_row(meta: dict[str, Any], schema: pa.Schema, reason: str) -> dict[str, Any]:
     """The row recorded for `meta` when it cannot be stored: our metadata fields only, with the reason."""
     bare = {}
-    for f in schema:
-        value = meta.get(f.name)
+    for name, _, fits in _field_checks(schema):
+        value = meta.get(name)
         if isinstance(value, str):
             value = valid_text(value)
-        bare[f.name] = value if _fits(value, f.type) else None
+        bare[name] = value if value is None or fits(value) else None
     bare.update(status="invalid_row", error_message=valid_text(reason), retryable=False)
     return bare
 
@@ -179,8 +189,8 @@ def stored_row(meta: dict[str, Any], schema: pa.Schema) -> tuple[dict[str, Any],
     """
     try:
         row = storable_row(meta)
-        wrong = [f"{f.name!r} is {type(row[f.name]).__name__}, not {f.type}"
-                 for f in schema if not _fits(row.get(f.name), f.type)]
+        wrong = [f"{name!r} is {type(row[name]).__name__}, not {type_}"
+                 for name, type_, fits in _field_checks(schema) if row.get(name) is not None and not fits(row[name])]
         if wrong:
             raise UnstorableRow("; ".join(wrong))
         return row, to_json(row).encode()
