@@ -208,7 +208,7 @@ app.command("eval", cls=Command)(config_command(EvalConfig, evaluate))
 
 
 FLOW_NAMES = ["end-to-end", "ingest", "curate", "pretrain", "pretrain-clip", "finetune", "deploy",
-              "pretrain-autoencoder", "encode", "pretrain-diffusion"]
+              "pretrain-autoencoder", "encode", "pretrain-diffusion", "eval"]
 
 
 @app.command("flow", cls=Command)

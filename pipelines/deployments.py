@@ -84,6 +84,9 @@ DEPLOYMENTS = [
                                                          "conditioning.text_encoder": "models:/demo-clip@champion"}),
     Deployment("deploy", "demo", "Serve demo-lm with the demo-chat adapter and send one request.", overrides={
         "model": "models:/demo-lm@champion", "adapter": ["models:/demo-chat@champion"]}),
+    Deployment("eval", "demo", "Score demo-chat's champion on the shipped tasks (demo-cloze, demo-qa) with "
+               "lm-evaluation-harness; scores to its MLflow run.", config="flows/demo.yaml", section="eval",
+               overrides={"model": "models:/demo-chat@champion"}),
 ]
 
 

@@ -44,6 +44,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from pipelines.config import ConfigModel, load_config  # noqa: E402
 from pipelines.curate.run import CurateConfig, curate  # noqa: E402
 from pipelines.errors import PipelineError  # noqa: E402
+from pipelines.evaluate.config import SHIPPED_TASKS, EvalConfig, GateConfig  # noqa: E402
 from pipelines.ingest.images import ImageCrawlConfig, crawl_images  # noqa: E402
 from pipelines.ingest.text import TextCrawlConfig, crawl_text  # noqa: E402
 from pipelines.runtime import code_version, failpoint, filesystem, init_ray, settings, worker_logs_to  # noqa: E402
@@ -70,7 +71,9 @@ STAGE_CODE = {"crawl-images": ("ingest", "flows.py"), "crawl-text": ("ingest", "
               "pretrain-clip": ("train", "flows.py"),
               "finetune": ("train", "ingest", "flows.py"),
               "pretrain-autoencoder": ("train", "flows.py"), "encode": ("train", "flows.py"),
-              "pretrain-diffusion": ("train", "flows.py")}
+              "pretrain-diffusion": ("train", "flows.py"),
+              # the engine computes the scores the harness aggregates: serving code is part of what made them
+              "eval": ("evaluate", "serve", "flows.py")}
 
 
 def stage_key(stage: str, inputs: str, config: ConfigModel) -> str:
@@ -407,6 +410,51 @@ def smoke_image_task(url: str, model: str, prompt: str) -> dict[str, Any]:
             "ms": round(1000 * (time.perf_counter() - started))}
 
 
+@task(name="eval", **STAGE_TASK)
+def eval_task(config: EvalConfig, inputs: str) -> dict[str, Any]:
+    """`pipelines eval`: lm-evaluation-harness's tasks against the model (through `config.endpoint` when set)."""
+    from pipelines.evaluate.run import KEY_ENV, evaluate
+    from pipelines.serve.config import AccessConfig
+
+    failpoint("eval")
+    keys = AccessConfig().resolve_keys()  # the deployed endpoint's keys, which the harness must send
+    before = os.environ.get(KEY_ENV)
+    if keys and not before:
+        os.environ[KEY_ENV] = keys[0]
+    try:
+        with _logs_to_run():
+            result = evaluate(config.model_copy(update={"quiet": True}))
+    finally:
+        if keys and not before:
+            os.environ.pop(KEY_ENV, None)
+    scores = {k: v for k, v in result.scores.items() if not k.split("/")[1].endswith("_stderr")}
+    create_table_artifact(key="eval", description=f"eval: lm-evaluation-harness scores of {result.model_uri}",
+                          table=[{"score": k, "value": round(v, 4),
+                                  "stderr": _stderr_of(result.scores, k)} for k, v in scores.items()])
+    gate = result.gate
+    if gate is not None:
+        get_run_logger().info("gate: %s", gate.message)
+    return {"model_uri": result.model_uri, "served_as": result.served_as, "mlflow_run_id": result.run_id,
+            "artifacts": result.artifacts, "scores": scores,
+            "gate": None if gate is None else {"message": gate.message, "passed": gate.passed, "moved": gate.moved}}
+
+
+def _stderr_of(scores: dict[str, float], name: str) -> float | None:
+    task, metric, *rest = name.split("/")
+    value = scores.get("/".join([task, f"{metric}_stderr", *rest]))
+    return None if value is None else round(value, 4)
+
+
+def _pinned_eval(config: EvalConfig) -> tuple[EvalConfig, str]:
+    """The config with its model pinned to a version, and what the scores depend on: that version and the task
+    definitions' content (configs/eval, include_path)."""
+    from pipelines.evaluate.run import TASKS_DIR
+
+    config = config.model_copy(update={"model": _pinned(config.model)})
+    folders = [str(TASKS_DIR), *config.include_path]
+    return config, " ".join([config.model, *(content_digest(f) for f in folders)])
+
+
 # -- running a stage: submit, then check what a cached result points at still exists --------------
 class Stage:
     """A submitted stage task; `settle()` waits for it, and recomputes a cached result whose output
@@ -619,6 +667,16 @@ def deploy_flow(config: ServeConfig, prompt: str = "Hello", max_tokens: int = 32
     return {"url": url, "smoke": smoke_task(url, model, prompt, max_tokens)}
 
 
+@flow(name="eval", log_prints=True)
+@_flow_logs
+def eval_flow(config: EvalConfig) -> dict[str, Any]:
+    """Score a registered language model or adapter with lm-evaluation-harness's tasks; log the scores to its
+    MLflow run, and with a gate move an alias."""
+    init_ray()
+    config, inputs = _pinned_eval(config)
+    return _outcome("eval", *Stage(eval_task, config, inputs, _model_still_there("model_uri")).settle())
+
+
 # -- the end-to-end flow ---------------------------------------------------------------------------
 class ImagesStage(ImageCrawlConfig):
     """Caption-image branch: crawl, then curate. Output defaults to WORKDIR/shards/images."""
@@ -667,8 +725,21 @@ class DiffusionStage(ConfigModel):
     diffusion: DiffusionPretrainConfig = DiffusionPretrainConfig()
 
 
+class EvalStage(ConfigModel):
+    """lm-evaluation-harness on the fine-tuned adapter (or, without one, the pretrained LM) through the deployed
+    endpoint, after the smoke request."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(SHIPPED_TASKS), description=(
+        "Tasks, groups or tags: configs/eval's (demo-cloze, demo-qa), include_path's, or the harness's own."))
+    limit: int | None = Field(None, gt=0, description="Items per task (default: all of them).")
+    num_fewshot: int | None = Field(None, ge=0, description="Examples shown before each item (default: the task's).")
+    include_path: list[str] = Field(default_factory=list, description="More folders of task YAML files.")
+    gate: GateConfig = GateConfig()
+
+
 class EndToEndConfig(ConfigModel):
-    """Crawl images and text -> curate -> pretrain -> register -> fine-tune -> register -> deploy -> smoke request."""
+    """Crawl images and text -> curate -> pretrain -> register -> fine-tune -> register -> deploy -> smoke request
+    -> eval."""
 
     workdir: str = Field("", description="Where shards go (default $PIPELINES_HOME/flows).")
     until: Literal["curate", "pretrain", "finetune", "deploy"] = Field(
@@ -683,6 +754,9 @@ class EndToEndConfig(ConfigModel):
     diffusion: DiffusionStage | None = Field(None, description=(
         "Text-to-image after the CLIP model: autoencoder -> latents -> diffusion model; none: no image model."))
     deploy: DeployStage = DeployStage()
+    eval: EvalStage | None = Field(None, description=(
+        "Score the served LM (its fine-tuned adapter when there is one) with lm-evaluation-harness after the smoke "
+        "request; none: no evaluation. Runs only when the flow deploys."))
 
 
 def config_path(path: str) -> Path:
@@ -789,6 +863,12 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
             if drawer:
                 outcomes["deploy"]["result"]["image"] = smoke_image_task(
                     url, drawer.removeprefix("models:/").split("/")[0], config.deploy.image_prompt)
+            if config.eval is not None:
+                evaluation = EvalConfig(model=adapter_uri or base_uri, endpoint=url,
+                                        **config.eval.model_dump(exclude_unset=True))
+                evaluation, inputs = _pinned_eval(evaluation)
+                outcomes["eval"] = _outcome("eval", *Stage(eval_task, evaluation, inputs,
+                                                           _model_still_there("model_uri"), config.refresh).settle())
     log.info("end-to-end: %s", ", ".join(f"{k} {v['state']}" for k, v in outcomes.items()))
     return outcomes
 
@@ -833,6 +913,7 @@ FLOWS: dict[str, tuple[type[ConfigModel], Any]] = {
     "finetune": (FinetuneConfig, finetune_flow), "deploy": (ServeConfig, deploy_flow),
     "pretrain-autoencoder": (AutoencoderPretrainConfig, pretrain_autoencoder_flow),
     "encode": (EncodeConfig, encode_flow), "pretrain-diffusion": (DiffusionPretrainConfig, pretrain_diffusion_flow),
+    "eval": (EvalConfig, eval_flow),
 }
 
 
@@ -862,6 +943,10 @@ def _facts(stage: str, r: dict[str, Any]) -> str:
         return (f"{r['steps']} steps, loss {_num(r.get('loss'), '.3f')}, held-out FD-CLIP "
                 f"{_num(r.get('heldout_fd_clip'), '.3f')}, CLIP score {_num(r.get('heldout_clip_score'), '.3f')}; "
                 f"{r['model_uri']}{' (champion)' if r['champion'] else ''}")
+    if stage == "eval":
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
+        gate = f"; gate: {r['gate']['message']}" if r.get("gate") else ""
+        return f"{r['model_uri']} through {r['served_as']}: {scores}{gate}"
     if stage == "deploy":
         return f"{r['url']}/v1 serving {r['model']}: {r['prompt']!r} -> {r['answer']!r} ({r['ms']} ms)"
     return json.dumps(r)[:200]

@@ -63,6 +63,7 @@ def state(tmp_path_factory: pytest.TempPathFactory, sample: dict[str, Path]) -> 
     images["diffusion"]["data"]["heldout_percent"] = 25
     images["diffusion"]["sampling"].update(eval_samples=4, sample_steps=2)
     images["diffusion"]["engine"].update(max_steps=20, checkpoint_every=20, micro_batch=8)
+    config["eval"]["limit"] = 10  # items per task: the stage and its record, not the scores
     config["deploy"]["port"] = _free_port_pair()
     path = root / "e2e.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -181,6 +182,15 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any], samp
     # the image model behind the same endpoint drew a picture of the size it was trained at
     assert deployed["image"]["model"] == "demo-diffusion" and deployed["image"]["size"] == "32x32"
 
+    # lm-evaluation-harness scored the served adapter through the endpoint; the scores are on its version's run
+    evaluated = summary["eval"]["result"]
+    assert summary["eval"]["state"] == "Completed"
+    assert evaluated["model_uri"] == "models:/demo-chat/1" and evaluated["served_as"] == "demo-lm:demo-chat"
+    assert 0 <= evaluated["scores"]["demo-cloze/acc"] <= 1 and 0 <= evaluated["scores"]["demo-qa/exact_match"] <= 1
+    client = MlflowClient(f"sqlite:///{state['home'] / 'mlflow.db'}")
+    logged = client.get_run(client.get_model_version("demo-chat", "1").run_id).data.metrics
+    assert logged["eval/demo-cloze/acc"] == evaluated["scores"]["demo-cloze/acc"]
+
     # `pipelines lineage` from the served adapter back to the crawl's input lists, as they are on disk.
     def sha256(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -209,7 +219,7 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any], samp
     assert records["flow"] and records["state"] == "Completed"
     runs = {t["name"].rsplit("-", 1)[0]: t for t in records["tasks"]}
     assert {"crawl-images", "crawl-text", "curate", "pretrain", "pretrain-clip", "finetune", "deploy",
-            "smoke-request"} <= set(runs)
+            "smoke-request", "eval"} <= set(runs)
     curate_runs = sorted(t["runs"] for t in records["tasks"] if t["name"].startswith("curate-"))
     assert curate_runs == [1, 2]  # images once; text failed once and was retried
     # Ray's worker output reached the flow run's logs (the training loop prints its progress there)
@@ -217,7 +227,7 @@ def test_first_run_retries_a_failed_stage_and_serves(state: dict[str, Any], samp
     assert {"crawl-images", "curate-text", "pretrain", "pretrain-mlflow-run", "pretrain-model-version",
             "finetune-model-version", "pretrain-clip-model-version", "curate-text-report", "endpoint",
             "smoke-request", "smoke-image", "pretrain-autoencoder", "encode", "pretrain-diffusion", "pretrain-diffusion-samples",
-            "pretrain-diffusion-model-version"} <= set(records["artifacts"])
+            "pretrain-diffusion-model-version", "eval"} <= set(records["artifacts"])
 
 
 def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, Any]) -> None:
@@ -226,6 +236,7 @@ def test_second_run_with_unchanged_inputs_comes_from_the_cache(state: dict[str, 
     assert {stage: summary[stage]["state"] for stage in CACHED_STAGES} == {stage: "Cached" for stage in CACHED_STAGES}
     assert summary["deploy"]["result"]["tokens"] > 0  # the endpoint is live again, on the same versions
     assert summary["deploy"]["result"]["image"]["size"] == "32x32"
+    assert summary["eval"]["state"] == "Cached"  # the same version on the same tasks: the scores it had
     assert summary["pretrain"]["result"]["model_uri"] == "models:/demo-lm/1"
     assert versions(state, "demo-lm") == ["1"] and versions(state, "demo-chat") == ["1"]
     assert versions(state, "demo-clip") == ["1"]

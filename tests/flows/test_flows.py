@@ -169,3 +169,10 @@ def test_ray_worker_output_reaches_the_innermost_sink() -> None:
         assert _wait_for(after, flow_lines)
     assert not any(during in line for line in flow_lines)  # once, not twice
     assert not any(after in line for line in task_lines)
+
+
+def test_the_command_names_every_flow() -> None:
+    from pipelines.cli import FLOW_NAMES  # the CLI lists them without importing Prefect
+    from pipelines.flows import FLOWS
+
+    assert sorted(FLOW_NAMES) == sorted(FLOWS)
