@@ -6,6 +6,7 @@ PyTorch loop over the same latents.
                                                    [--warmup 10] [--lr 5e-4] [--snr-gamma 5] [--runs 3] [--cpus N]
                                                    [--loops peer,ours-latents,ours-images,bare]
                                                    [--workdir .bench/train-diffusion] [--keep-runs]
+    .venv/bin/python benchmarks/train_diffusion.py --vae small --profile 30 --runs 3   # per-step costs, one process
 
 What it does:
   1. Workload, made once (reused while WORKDIR/workload/marker matches): --images captioned coloured shapes
@@ -402,6 +403,121 @@ def bare_child(spec_path):
         json.dump({"steps": steps}, f)
 
 
+def profile_steps(paths, spec, blocks, rounds):
+    """`--profile`: in this one process, alternating blocks of `blocks` steps, the bare loop's step against the
+    same step through our DeepSpeed engine (`start_engine`: ZeRO-0, one rank), on latents held in memory, and the
+    bare step fed by our shard stream in the training thread or by `--loader-process`'s loader process. Per block
+    the median wall and process CPU time (all threads) per step and the mean CPU time spent getting the batch.
+    The cases share the process and alternate, so a burst of load hits them alike; still compare rounds whose
+    load stayed near --cpus."""
+    sys.path.insert(0, REPO)
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.train.data import is_heldout, open_shards
+    from pipelines.train.diffusion import (DiffusionLoader, DiffusionModelConfig, DiffusionPretrainConfig,
+                                           DiffusionStream, ObjectiveConfig, build_unet, diffusion_loss, encode_text,
+                                           load_text_encoder, noise_schedule, read_latent_tar, step_generator)
+    from pipelines.train.pretrain import lr_lambda, start_engine
+
+    torch.set_num_threads(spec["threads"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    shards = open_shards(paths["latents"])
+    rows = [(data, caption) for url in shards.tars for key, data, caption in read_latent_tar(url)
+            if not is_heldout(key, HELDOUT_PERCENT)]
+    latents = torch.from_numpy(np.stack([np.load(io.BytesIO(data)).astype(np.float32) for data, _ in rows]))
+    captions = [caption for _, caption in rows]
+    text_encoder, tokenizer = load_text_encoder(paths["clip"])
+    objective = ObjectiveConfig(snr_gamma=spec["snr_gamma"], caption_dropout=0.0, ema_decay=0.0)
+    noise, batch, seed = noise_schedule(objective), spec["batch"], spec["seed"]
+    config = DiffusionPretrainConfig.model_validate({
+        "engine": {"micro_batch": batch, "max_steps": spec["steps"], "workers": 1},
+        "optim": {"lr": spec["lr"], "warmup_steps": 0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "beta1": 0.9,
+                  "beta2": 0.999, "grad_clip": 1.0}})
+
+    def model():
+        unet = build_unet(DiffusionModelConfig(preset=spec["preset"]), latents.shape[1], latents.shape[2],
+                          text_encoder.config.hidden_size, seed)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=0.0)
+        return unet, optimizer
+
+    def loss_of(forward, x, texts, step):
+        generator = step_generator(seed, 0, step, 0)
+        eps = torch.randn(x.shape, generator=generator)
+        timesteps = torch.randint(0, objective.train_timesteps, (batch,), generator=generator)
+        states = encode_text(text_encoder, tokenizer, texts, "cpu")
+        pred = forward(noise.add_noise(x, eps, timesteps), timesteps, encoder_hidden_states=states).sample
+        return diffusion_loss(pred, eps, timesteps, noise.alphas_cumprod, objective)
+
+    unet, optimizer = model()
+    unet.train()
+
+    def bare(x, texts, step):
+        loss = loss_of(unet, x, texts, step)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    ours_unet, ours_optimizer = model()
+    schedule = torch.optim.lr_scheduler.LambdaLR(ours_optimizer, lr_lambda(0, spec["steps"], 1.0))
+    engine, update = start_engine(ours_unet, ours_optimizer, schedule, config, False, 1)
+    engine.train()
+
+    def ours(x, texts, step):
+        loss = loss_of(engine, x, texts, step)
+        update(loss)
+        return loss.item()
+
+    order = torch.Generator().manual_seed(seed)
+
+    def in_memory():
+        while True:
+            index = torch.randperm(len(latents), generator=order).tolist()
+            for i in range(0, len(index) - batch + 1, batch):
+                yield latents[index[i:i + batch]], [captions[j] for j in index[i:i + batch]]
+
+    def stream():
+        return DiffusionStream(shards, latents=True, image_size=spec["resolution"],
+                               latent_shape=tuple(latents.shape[1:]), caption_dropout=0.0, micro_batch=batch,
+                               rank=0, world_size=1, seed=seed, shuffle_buffer=256,
+                               heldout_percent=HELDOUT_PERCENT)
+
+    sources = {"memory": in_memory(), "stream": iter(stream()), "loader": iter(DiffusionLoader(stream()))}
+    cases = [("bare, latents in memory", bare, "memory"), ("ours' engine, latents in memory", ours, "memory"),
+             ("bare, shard stream in the thread", bare, "stream"), ("bare, loader process", bare, "loader")]
+    figures = {label: [] for label, _, _ in cases}
+    for rnd in range(rounds):
+        for label, step_fn, source in cases:
+            walls, cpus, fetches = [], [], []
+            for step in range(blocks):
+                wall, cpu = time.perf_counter(), time.process_time()
+                x, texts = next(sources[source])
+                fetches.append(time.process_time() - cpu)
+                step_fn(x, texts, step)
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+            kept = slice(min(5, blocks // 2), None)  # the first steps of a block warm its caches
+            figures[label].append({"wall_ms": 1000 * statistics.median(walls[kept]),
+                                   "cpu_ms": 1000 * statistics.median(cpus[kept]),
+                                   "fetch_cpu_ms": 1000 * statistics.fmean(fetches[kept]),
+                                   "loadavg_1m": os.getloadavg()[0]})
+            f = figures[label][-1]
+            print(f"round {rnd + 1}: {label:34s} wall {f['wall_ms']:6.1f} ms, CPU {f['cpu_ms']:6.1f} ms, getting "
+                  f"the batch {f['fetch_cpu_ms']:5.2f} ms CPU a step (load {f['loadavg_1m']:.2f})", flush=True)
+    print("\nmedians over the rounds (per step):")
+    for label, per_round in figures.items():
+        print(f"  {label:34s} wall {median([f['wall_ms'] for f in per_round]):6.1f} ms, CPU "
+              f"{median([f['cpu_ms'] for f in per_round]):6.1f} ms, getting the batch "
+              f"{median([f['fetch_cpu_ms'] for f in per_round]):5.2f} ms CPU")
+    return figures
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -455,6 +571,10 @@ def main():
     ap.add_argument("--workdir", default=os.path.join(REPO, ".bench", "train-diffusion"))
     ap.add_argument("--timeout", type=float, default=900, help="per-run limit in seconds")
     ap.add_argument("--keep-runs", action="store_true", help="keep ours' run folders (checkpoints, export)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="instead of the loops: per-step CPU and wall of the bare step vs the same step through our "
+                         "DeepSpeed engine, and of our shard stream and loader process, in one process, alternating "
+                         "blocks of STEPS steps for --runs rounds")
     ap.add_argument("--peer-child", help=argparse.SUPPRESS)
     ap.add_argument("--bare-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -484,6 +604,11 @@ def main():
             "lr": args.lr, "snr_gamma": args.snr_gamma, "seed": args.seed, "threads": cpus,
             "resolution": resolution, **paths}
 
+    if args.profile:
+        figures = profile_steps(paths, spec, args.profile, args.runs)
+        with open(os.path.join(workdir, "profile.json"), "w") as f:
+            json.dump({"spec": spec, "blocks": args.profile, "rounds": figures}, f, indent=2)
+        return None
     runs = {label: [] for label in loops}
     started = time.perf_counter()
     for rnd in range(args.runs):

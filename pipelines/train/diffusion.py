@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipelines.errors import PipelineError
 from pipelines.runtime import failpoint, filesystem
@@ -227,6 +228,36 @@ class DiffusionStream(ImageCaptionStream):
         return torch.from_numpy(np.stack(arrays)), captions
 
 
+class _PositionedBatches(IterableDataset):
+    """What `DiffusionLoader`'s process runs: the stream's batches, each with the stream's position after it."""
+
+    def __init__(self, stream: DiffusionStream):
+        self.stream = stream
+
+    def __iter__(self) -> Any:
+        for batch in self.stream:
+            yield batch, dict(self.stream._position)
+
+
+class DiffusionLoader:
+    """A `DiffusionStream`'s batches made in one loader process (reading tars, decoding latents or JPEGs,
+    caption dropout), `prefetch` batches ahead of the training thread, in the stream's own order. Each batch
+    comes with the position after it, which the stream takes as the batch is handed out: `state_dict()`
+    matches the batches handed out so far, so a checkpoint resumes exactly where the steps stopped."""
+
+    def __init__(self, stream: DiffusionStream, prefetch: int = 4):
+        self.stream, self.prefetch = stream, prefetch
+
+    def __iter__(self) -> Any:
+        import torch
+
+        loader = DataLoader(_PositionedBatches(self.stream), batch_size=None, num_workers=1,
+                            prefetch_factor=self.prefetch, pin_memory=torch.cuda.is_available())
+        for batch, position in loader:
+            self.stream._position = position
+            yield batch
+
+
 # -- the driver -----------------------------------------------------------------------------------
 
 def pretrain_diffusion(config: DiffusionPretrainConfig) -> PretrainResult:
@@ -416,7 +447,7 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
         metrics_log.flush()
     evaluation = Evaluation(config, shards, text_encoder, tokenizer, vae, eval_clip) if rank == 0 else None
     samples_per_step = world * e.micro_batch * e.grad_accum
-    batches = iter(stream)
+    batches = iter(DiffusionLoader(stream) if d.loader_process else stream)
     engine.train()
     dtype = torch.bfloat16 if bf16 else torch.float32
     stop_at = min(e.max_steps, e.stop_after or e.max_steps)

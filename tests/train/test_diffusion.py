@@ -182,6 +182,8 @@ def test_killed_worker_restarts_from_its_checkpoint(tmp_path: Path, image_shards
     import signal
     import threading
 
+    import psutil
+
     from tests.train.test_pretrain import train_worker_pids
 
     latents = encode(image_shards, str(tmp_path / "latents"), registered["autoencoder"])
@@ -196,7 +198,8 @@ def test_killed_worker_restarts_from_its_checkpoint(tmp_path: Path, image_shards
     while time.monotonic() < deadline and thread.is_alive() and not any(
             "step-0000005" in p.read_text() for p in (tmp_path / "runs").glob("*/checkpoint_manager_snapshot.json")):
         time.sleep(0.05)
-    pids = train_worker_pids(started)
+    found = train_worker_pids(started)
+    pids = [pid for pid in found if psutil.Process(pid).ppid() not in found]  # not their loader processes
     assert len(pids) == 2 and thread.is_alive(), "training finished before the kill"
     os.kill(pids[1], signal.SIGKILL)
     thread.join(timeout=600)
@@ -288,3 +291,46 @@ def test_unreadable_latents_are_skipped_alone(tmp_path: Path) -> None:
                 pa.table({"key": ["small", "large"]}), {"shard": 1, "samples": 2, "count": 2})
     assert [key for key, *_ in read_latent_tar(str(tmp_path / "00001.tar"), (4, 8, 8))] == ["small"]
     assert [key for key, *_ in read_latent_tar(str(tmp_path / "00001.tar"))] == ["small", "large"]
+
+
+def test_loader_process_gives_the_streams_batches_and_resume_position(tmp_path: Path) -> None:
+    """Batches made in the loader process are the stream's own, in its order, and the state after k batches
+    handed out resumes on batch k+1 exactly (the loader reads ahead; the state follows what was handed out)."""
+    import pyarrow as pa
+    import torch
+
+    from pipelines.shards import ShardOutput, write_manifest, write_shard
+    from pipelines.train.data import open_shards
+    from pipelines.train.diffusion import DiffusionLoader, DiffusionStream
+
+    rng = np.random.default_rng(0)
+    out = ShardOutput(str(tmp_path))
+    stats = []
+    for sid in range(3):
+        files = []
+        for i in range(40):
+            buffer = io.BytesIO()
+            np.save(buffer, rng.standard_normal((4, 8, 8)).astype(np.float16))
+            files.append((f"{sid:05d}{i:04d}", {"latent.npy": buffer.getvalue(), "txt": CAPTIONS[i % 12].encode()}))
+        stats.append(write_shard(out, sid, files, pa.table({"key": [k for k, _ in files]}),
+                                 {"shard": sid, "samples": len(files), "count": len(files)}))
+    write_manifest(out, "latents", {}, "digest", stats, {})
+    shards = open_shards(str(tmp_path))
+
+    def stream() -> DiffusionStream:
+        return DiffusionStream(shards, latents=True, image_size=16, latent_shape=(4, 8, 8), caption_dropout=0.3,
+                               micro_batch=8, rank=0, world_size=1, seed=3, shuffle_buffer=32, heldout_percent=10)
+
+    direct = iter(stream())
+    expected = [next(direct) for _ in range(30)]  # past an epoch: 108 training samples, 13.5 batches each
+    loaded = stream()
+    batches = iter(DiffusionLoader(loaded))
+    for x, captions in expected[:17]:
+        got_x, got_captions = next(batches)
+        assert torch.equal(got_x, x) and got_captions == captions
+    resumed = stream()
+    resumed.load_state_dict(loaded.state_dict())
+    again = iter(DiffusionLoader(resumed))
+    for x, captions in expected[17:]:
+        got_x, got_captions = next(again)
+        assert torch.equal(got_x, x) and got_captions == captions
