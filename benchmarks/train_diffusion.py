@@ -288,6 +288,7 @@ def run_ours(workdir, label, spec, shards, env, timeout, keep_runs):
            "--storage", storage, "--run-name", run_name, "--max-failures", "0", "--no-register-model", "--quiet"]
     if spec["on_images"]:
         cmd += ["--autoencoder", f"models:/{AE_NAME}@champion"]
+    cmd += spec["ours_args"]
     launched, load_before = time.time(), os.getloadavg()[0]
     rc, wall, output = timed(cmd, os.path.join(workdir, "logs", f"{label}.log"), timeout, env)
     rec = {"rc": rc, "wall_s": wall, "loadavg_1m": [load_before, os.getloadavg()[0]], "run_name": run_name}
@@ -571,6 +572,8 @@ def main():
     ap.add_argument("--workdir", default=os.path.join(REPO, ".bench", "train-diffusion"))
     ap.add_argument("--timeout", type=float, default=900, help="per-run limit in seconds")
     ap.add_argument("--keep-runs", action="store_true", help="keep ours' run folders (checkpoints, export)")
+    ap.add_argument("--ours-args", default="", help="more options for ours' `pipelines pretrain`, "
+                                                    "e.g. --ours-args=--loader-process")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="instead of the loops: per-step CPU and wall of the bare step vs the same step through our "
                          "DeepSpeed engine, and of our shard stream and loader process, in one process, alternating "
@@ -602,7 +605,7 @@ def main():
     resolution = AutoencoderKL.load_config(paths["autoencoder"])["sample_size"]
     spec = {"preset": args.preset, "batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
             "lr": args.lr, "snr_gamma": args.snr_gamma, "seed": args.seed, "threads": cpus,
-            "resolution": resolution, **paths}
+            "resolution": resolution, "ours_args": args.ours_args.split(), **paths}
 
     if args.profile:
         figures = profile_steps(paths, spec, args.profile, args.runs)
