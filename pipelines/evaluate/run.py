@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 import logging
 import math
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +51,9 @@ KEY_ENV = "OPENAI_API_KEY"  # what the harness's own OpenAI clients read
 # The harness warns on every task with a `custom_dataset` (how configs/eval finds its files) that such a task takes
 # arguments from --metadata: advice for its own command line, not ours.
 logging.getLogger("lm_eval.api.task").addFilter(lambda record: "Custom kwargs can be passed" not in record.getMessage())
+# It also advises `apply_chat_template` for any model whose name says "chat" or "instruct": an option of its own
+# command line; our tasks (demo-qa) write their prompts in the format the model was fine-tuned on.
+logging.getLogger("lm_eval.evaluator").addFilter(lambda record: "appears to be an" not in record.getMessage())
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,8 @@ def serving(target: Target, endpoint: str | None) -> Iterator[tuple[str, str | N
     config = ServeConfig(model=base, adapter=[target.uri] if target.base else [], port=free_port(),
                          ingress="proxy", watch_interval_s=0, blocking=False)
     keys = AccessConfig().resolve_keys()  # PIPELINES_API_KEYS, which the server would require
+    # Serve's driver-side logger says at INFO that it started and connected: internals, not the evaluation's progress.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         url = serve_model(config)
         yield str(url), keys[0] if keys else None
@@ -399,19 +406,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class _WithoutBars(io.TextIOBase):
+    """A stream that passes what is written on to `target` except tqdm's progress bars (writes that start with a
+    carriage return, as every refresh of a bar does, and the bar's closing newline)."""
+
+    def __init__(self, target: Any):
+        self.target, self._in_bar = target, False
+
+    def write(self, text: str) -> int:
+        if text.startswith("\r"):
+            self._in_bar = True
+        elif self._in_bar and text == "\n":
+            self._in_bar = False
+        else:
+            self._in_bar = False
+            self.target.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
 @contextlib.contextmanager
 def _progress_bars(shown: bool) -> Iterator[None]:
-    """The harness's tqdm bars on or off (tqdm reads TQDM_DISABLE when a bar starts)."""
-    before = os.environ.get("TQDM_DISABLE")
-    if not shown:
-        os.environ["TQDM_DISABLE"] = "1"
-    try:
+    """The harness's tqdm bars shown or not. Not with TQDM_DISABLE: tqdm reads it when it is imported, and the
+    harness passes `disable=False` to some bars; the bars write to sys.stderr when they start, so a stream that
+    drops them stands in for it meanwhile (warnings and everything else still reach stderr)."""
+    if shown:
         yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        return
+    with contextlib.redirect_stderr(_WithoutBars(sys.stderr)):
+        yield
 
 
 def _first_line(error: Exception) -> str:
