@@ -54,6 +54,7 @@ from pipelines.serve.config import API_KEYS_ENV, ServeConfig
 from pipelines.serve.engine import AdapterError, ClipEngine, Generation, TextEngine
 from pipelines.serve.images import ImageEngine, Picture
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
+from pipelines.serve.vllm_engine import VllmEngine, vllm_available, vllm_can_serve
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,11 @@ class OpenAIServer:
         return engine, loaded.name
 
     async def generate(self, engine: TextEngine, rows: Sequence[Generation]) -> None:
-        """Generate the rows of one request in the replica's batches; raise the first row's failure."""
-        if len(rows) == 1:  # the common case, without a task per row
+        """Generate the rows of one request in the replica's batches (vLLM: in its own scheduler); raise the first
+        row's failure."""
+        if isinstance(engine, VllmEngine):
+            await engine.agenerate(rows)
+        elif len(rows) == 1:  # the common case, without a task per row
             await self._generate_batch((engine, rows[0]))
         else:
             await asyncio.gather(*(self._generate_batch((engine, row)) for row in rows))
@@ -194,6 +198,8 @@ class OpenAIServer:
         """The first model's name and version, every adapter's version and, with several models, each one's."""
         first = self._first
         out = {"status": "ok", "model": first.name, "version": first.engine.version, "adapters": self._adapters()}
+        if isinstance(first.engine, TextEngine):
+            out["engine"] = "vllm" if isinstance(first.engine, VllmEngine) else "transformers"
         if len(self.served) > 1:
             out["models"] = {name: served.engine.version for name, served in self.served.items()}
         return out
@@ -271,10 +277,32 @@ class OpenAIServer:
             log.info("loaded %s (CLIP) in %.1f s", clip.label, time.monotonic() - started)
             return clip
         model, tokenizer = load_registered(f"models:/{name}/{version}")
-        engine = TextEngine(model, tokenizer, name, version)
+        engine = self._vllm_engine(model, tokenizer, name, version)
+        if engine is None:
+            engine = TextEngine(model, tokenizer, name, version)
         engine.generate([Generation(engine.encode("warm up") or [engine.eos], 1, temperature=0.0)])
-        log.info("loaded %s in %.1f s", engine.label, time.monotonic() - started)
+        log.info("loaded %s (%s) in %.1f s", engine.label, "vLLM" if isinstance(engine, VllmEngine) else
+                 "transformers", time.monotonic() - started)
         return engine
+
+    def _vllm_engine(self, model: Any, tokenizer: Any, name: str, version: int) -> VllmEngine | None:
+        """The vLLM engine of this model, or None where the transformers engine serves it (`engine`: auto where
+        vLLM is not installed, cannot take the model or fails to start; transformers)."""
+        choice = self.config.engine
+        if choice == "transformers":
+            return None
+        why = None if vllm_available() else "vLLM's environment (.venv-vllm) is not installed"
+        why = why or vllm_can_serve(model)
+        if why is None:
+            try:
+                return VllmEngine(model, tokenizer, name, version, kv_cache_gib=self.config.vllm_kv_cache_gib,
+                                  max_loras=self.config.max_loaded_adapters if self.config.adapter else 0)
+            except PipelineError as e:
+                why = str(e)
+        if choice == "vllm":
+            raise PipelineError(f"{name}/v{version} cannot be served on vLLM: {why}")
+        log.warning("%s/v%d served by transformers: %s", name, version, why)
+        return None
 
     def refresh(self) -> dict[str, Any]:
         """Follow moved aliases: for each model whose alias moved, load the new version, then switch to it

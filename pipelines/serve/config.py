@@ -136,6 +136,11 @@ class ServeConfig(ConfigModel):
     batching: BatchConfig = BatchConfig()
     access: AccessConfig = AccessConfig()
     limits: LimitsConfig = LimitsConfig()
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="What generates text: vllm (vLLM's engine in a child process, from the .venv-vllm "
+        "environment), transformers (generate with static batching), auto: vLLM where it is installed and can "
+        "serve the model, else transformers.")
+    vllm_kv_cache_gib: float = Field(1.0, gt=0, description="Memory of vLLM's KV cache per model, in GiB.")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs reserved per replica (torch threads follow).")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
     max_loaded_adapters: int = Field(4, ge=1, description="Adapters kept loaded per replica (LRU).")

@@ -86,6 +86,8 @@ class Generation:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to these tokens' logits
     logprobs: int | None = None  # per generated token: its logprob and the k most likely; None: nothing
     prompt_logprobs: int | None = None  # the same for each prompt token after the first; None: nothing
+    json_schema: dict[str, Any] | None = None  # guided decoding (vLLM engine only): output valid for this schema
+    json_object: bool = False  # guided decoding (vLLM engine only): output is a JSON object
     sink: Callable[[str | None], None] | None = None  # streaming: new text as it comes, then None
     cancelled: bool = False  # set when the client went away: the row stops at its next token
     # results
@@ -268,6 +270,8 @@ class RowStops(StoppingCriteria):
 
 class TextEngine:
     """A registered model and its tokenizer, ready to generate and embed."""
+
+    guided_decoding = False  # JSON schema / JSON object outputs (response_format): the vLLM engine's
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, version: int):
         self.model = model.eval()

@@ -34,7 +34,8 @@ Retry-After. A model asked for what its kind does not serve (completions of a CL
 images of an LM or CLIP model, similarity of anything but CLIP) gets a 400 naming its kind, as does an
 image that does not decode. Nothing asked for is silently dropped: on the language model's routes an
 unknown field is a 400 naming it (`unknown_parameter`), and OpenAI's fields this server does not implement
-(`tools`, `response_format` json_object / json_schema, `suffix`, `audio`..., `CHAT_FIELDS_ALLOWED`) get a
+(`tools`, `response_format` json_object / json_schema on the transformers engine, `suffix`, `audio`...,
+`CHAT_FIELDS_ALLOWED`) get a
 400 naming the field unless set to what the server does anyway (`tools: []`, `tool_choice: "none"`); so do
 OpenAI's image fields (`style`, `quality: "hd"`, `output_format: "jpeg"`...), while the other routes ignore
 unknown fields. A client that leaves before its images are drawn stops them (`_unless_client_leaves`).
@@ -268,8 +269,8 @@ class ChatRequest(_Sampling):
                            "before penalties, bias and temperature), its bytes and top_logprobs. Not with stream.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="The most likely tokens listed at each "
                                      "position (with logprobs: true).")
-    response_format: ResponseFormat | None = Field(None, description="text only: json_object and json_schema "
-                                                   "(guided decoding) are not implemented (400).")
+    response_format: ResponseFormat | None = Field(None, description="json_object and json_schema: guided decoding "
+                                                   "on the vLLM engine (400 on the transformers engine).")
     stream_options: StreamOptions | None = None
     # OpenAI's fields that this server does not implement: set to anything but the values in CHAT_FIELDS_ALLOWED,
     # a 400 names them.
@@ -536,6 +537,8 @@ class Health(BaseModel):
     version: int = Field(description="Its version.")
     adapters: dict[str, int] = Field(description="Every adapter served (whatever its base) and its version.")
     models: dict[str, int] | None = Field(None, description="With several models: each one's version.")
+    engine: Literal["vllm", "transformers"] | None = Field(
+        None, description="What generates the first model's text, when it is a language model.")
 
 
 class ReloadedModel(BaseModel):
@@ -755,15 +758,13 @@ def build_api(server: ModelServer) -> FastAPI:
     async def chat(body: ChatRequest) -> Response:
         _refuse_unsupported(body, CHAT_FIELDS_ALLOWED)
         _refuse_unsupported_in_messages(body.messages)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, f"response_format {body.response_format.type}: guided decoding is not implemented by "
-                           "this server; only text", param="response_format", code="unsupported_value")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed: ask without stream", param="logprobs",
                            code="unsupported_value")
         engine, adapter = await text_engine(body.model)
+        guide = _guided(body.response_format, engine)
         stop = _stop_strings(body.stop, limits)
         messages = [m.template_input() for m in body.messages]
         _check_message_chars(messages, limits)
@@ -774,6 +775,8 @@ def build_api(server: ModelServer) -> FastAPI:
         top = body.top_logprobs or 0
         rows = [_row(server.config, engine, ids, body, max_tokens, stop, adapter, "messages", choice=i,
                      logit_bias=bias, logprobs=top if body.logprobs else None) for i in range(body.n)]
+        for row in rows:
+            row.json_schema, row.json_object = guide
         meta = _meta("chatcmpl", body.model, engine)
         if body.stream:
             _single_choice(rows)
@@ -939,8 +942,24 @@ _KINDS = {TextEngine: ("a language model", "/v1/completions, /v1/chat/completion
           ImageEngine: ("a diffusion model", "/v1/images/generations")}
 
 
+def _guided(response_format: ResponseFormat | None, engine: TextEngine) -> tuple[dict[str, Any] | None, bool]:
+    """(JSON schema, JSON object) of `response_format`: guided decoding, on the vLLM engine only."""
+    if response_format is None or response_format.type == "text":
+        return None, False
+    if not engine.guided_decoding:
+        raise APIError(400, f"response_format {response_format.type}: guided decoding needs the vLLM engine; "
+                       f"{engine.label} is served by transformers", param="response_format", code="unsupported_value")
+    if response_format.type == "json_object":
+        return None, True
+    schema = (response_format.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError(400, "response_format json_schema needs json_schema.schema (a JSON schema object)",
+                       param="response_format", code="invalid_value")
+    return schema, False
+
+
 def _wrong_kind(model: str, engine: Any, asked: str) -> APIError:
-    kind, serves = _KINDS[type(engine)]
+    kind, serves = next(v for k, v in _KINDS.items() if isinstance(engine, k))  # VllmEngine is a TextEngine
     return APIError(400, f"model {model!r} is {kind}: it serves {serves}, not {asked}", param="model",
                     code="model_not_supported")
 

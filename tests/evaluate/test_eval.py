@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -23,6 +24,7 @@ from pipelines.cli import app
 from pipelines.errors import PipelineError
 from pipelines.evaluate.config import EvalConfig
 from pipelines.evaluate.run import EvalResult, evaluate, free_port
+from pipelines.serve.vllm_engine import vllm_available
 from tests.serve.tiny import tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,8 +51,8 @@ def tiny_lm(folder: Path, seed: int) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=1,
+        num_key_value_heads=1, max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -202,6 +204,9 @@ def test_local_completions_scores_are_the_models_log_likelihoods(endpoint: str, 
         watch.active = False
 
     assert "127.0.0.1" in watch.seen and watch.remote() == set(), watch.seen  # it watched, and saw loopback
+    # where the vLLM environment is installed (make venv), vLLM's engine computed these log-likelihoods
+    engine = httpx.get(f"{endpoint}/healthz", timeout=10).json()["engine"]
+    assert engine == ("vllm" if vllm_available() else "transformers")
     assert len(result.harness["samples"]["demo-cloze"]) == 20
     model = AutoModelForCausalLM.from_pretrained(models["lm/2"]).eval()
     assert_harness_scored_the_weights(result, model, AutoTokenizer.from_pretrained(models["lm/2"]))

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from pipelines.serve.app import ray_serve_env
 from pipelines.serve.config import ServeConfig
+from pipelines.serve.vllm_engine import vllm_available
 from tests.serve.tiny import tiny_model, tiny_tokenizer
 
 
@@ -37,6 +38,11 @@ def _free_port_pair() -> int:
 
 
 PORT = _free_port_pair()
+# engine "auto" serves the tiny LMs on vLLM where its environment (.venv-vllm) is installed, as `make venv` does
+ON_VLLM = vllm_available()
+# A tiny model's KV cache needs little: the default 1 GiB per engine, twice during an alias move, is memory a shared
+# test machine may not have (Ray's monitor kills replicas at 95%)
+TEST_KV_CACHE_GIB = 0.125
 
 
 def wait_for_port(port: int = PORT, timeout: float = 120.0) -> None:
@@ -119,7 +125,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     assert register(hf_folders[0], "lm", 10.0) == 1
     wait_for_port()
     keys = [f"sk-test-{i}" for i in range(40)]
-    config = ServeConfig(model="models:/lm@champion",
+    config = ServeConfig(model="models:/lm@champion", vllm_kv_cache_gib=TEST_KV_CACHE_GIB,
                          adapter=["models:/lm-lora@champion", "models:/other-lora@champion"],
                          port=PORT, watch_interval_s=1.0, default_max_tokens=16, max_tokens_limit=48,
                          access={"api_keys": keys, "rate_limit": 60}, blocking=False)

@@ -24,7 +24,7 @@ import schemathesis
 from mlflow import MlflowClient
 
 from pipelines.serve.config import API_KEYS_ENV, ServeConfig
-from tests.serve.conftest import PORT, Server, register, wait_for_port
+from tests.serve.conftest import PORT, TEST_KV_CACHE_GIB, Server, register, wait_for_port
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -44,6 +44,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"{FILE_KEY}\n")
     config = ServeConfig(model="models:/lm@champion", port=PORT, watch_interval_s=0, default_max_tokens=16,
+                         vllm_kv_cache_gib=TEST_KV_CACHE_GIB,
                          max_tokens_limit=48, access={"api_keys_file": str(key_file)},
                          limits={"max_prompt_chars": MAX_PROMPT_CHARS}, blocking=False)
     wait_for_port()
