@@ -138,6 +138,13 @@ class OpenAIServer:
     def __del__(self) -> None:
         self._stop.set()
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose vLLM engine died is unhealthy, and Serve replaces it."""
+        for served in self.served.values():
+            if isinstance(served.engine, VllmEngine) and not served.engine.alive():
+                raise RuntimeError(f"{served.engine.label}: vLLM's engine process exited:\n"
+                                   f"{served.engine.worker_log(20)}")
+
     # -- what the routes call ------------------------------------------------------------------
     def model_ids(self) -> list[str]:
         return [m for served in self.served.values()
@@ -315,7 +322,9 @@ class OpenAIServer:
                 try:
                     _, version = self._resolve_version(served.uri)
                     if version != served.engine.version:
-                        served.engine = self._load(served.name, version)
+                        old, served.engine = served.engine, self._load(served.name, version)
+                        if isinstance(old, VllmEngine):
+                            old.retire()
                         log.warning("%s: now serving version %d (was %d)", served.uri, version,
                                     previous[served.name])
                 except Exception as e:

@@ -109,6 +109,9 @@ class VllmEngine(TextEngine):
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                       env=env, start_new_session=True)
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._log, self._dir)
+        # The worker leads its own process group (vLLM's engine processes are in it): when the worker exits, for
+        # whatever reason, what is left of the group goes too. The worker kills the group if this process dies.
+        threading.Thread(target=_reap_group, args=(self._proc,), name="vllm-reap", daemon=True).start()
         self._wait_ready(started)
         self._ids = itertools.count()
         self._lora_ids = itertools.count(1)
@@ -116,6 +119,8 @@ class VllmEngine(TextEngine):
         self._connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connection] = \
             weakref.WeakKeyDictionary()
         self._conn_lock = threading.Lock()
+        self._active = 0  # agenerate calls in flight
+        self._retired = False  # no longer served: stop the worker when the last call is done
         log.info("%s: vLLM engine up in %.1f s", self.label, time.monotonic() - started)
 
     def _wait_ready(self, started: float) -> None:
@@ -142,6 +147,19 @@ class VllmEngine(TextEngine):
 
     def close(self) -> None:
         self._finalizer()
+
+    def alive(self) -> bool:
+        """Whether vLLM's worker is still running (False once closed, or if it died)."""
+        return self._proc.poll() is None
+
+    def retire(self) -> None:
+        """This engine is no longer served (a new version replaced it): its worker and its memory go as soon as
+        the requests it is generating are done, not whenever the garbage collector gets to it."""
+        with self._conn_lock:
+            self._retired = True
+            idle = self._active == 0
+        if idle:
+            self.close()
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, rows: Sequence[Generation]) -> None:
@@ -170,6 +188,18 @@ class VllmEngine(TextEngine):
     async def agenerate(self, rows: Sequence[Generation]) -> None:
         """Generate every row (filled in place) on vLLM, all at once: its scheduler batches them with whatever else
         runs. A row that fails gets its `error`; the others finish."""
+        with self._conn_lock:
+            self._active += 1
+        try:
+            await self._agenerate(rows)
+        finally:
+            with self._conn_lock:
+                self._active -= 1
+                done = self._retired and self._active == 0
+            if done:
+                self.close()
+
+    async def _agenerate(self, rows: Sequence[Generation]) -> None:
         conn = self._connection()
         if self._max_loras:
             # vLLM 0.32 on CPU with LoRA enabled fails (its engine dies) when it computes prompt log-probabilities
@@ -384,6 +414,14 @@ class _Connection:
             self.abort(rid)
         else:
             self._queues.pop(rid, None)
+
+
+def _reap_group(proc: subprocess.Popen) -> None:
+    proc.wait()
+    try:
+        os.killpg(proc.pid, 9)
+    except OSError:
+        pass  # nothing left of the group
 
 
 def _stop(proc: subprocess.Popen, log_file: Any, folder: Path) -> None:

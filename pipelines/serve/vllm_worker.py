@@ -24,7 +24,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from typing import Any
 
 
@@ -41,6 +44,14 @@ def _top(entry: dict[int, Any], k: int) -> list[list[Any]]:
         out.append([token, _finite(lp.logprob)])
         seen += 1
     return out
+
+
+async def writer_drain_all(writers: set[asyncio.StreamWriter]) -> None:
+    for writer in list(writers):
+        try:
+            await asyncio.wait_for(writer.drain(), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -95,6 +106,9 @@ async def serve(args: argparse.Namespace) -> None:
             raise
         except Exception as e:
             send({"id": rid, "e": f"{type(e).__name__}: {e}"})
+            if engine.errored:  # vLLM's engine process died: nothing more can be served; the replica sees us go
+                await writer_drain_all(writers)
+                os.killpg(0, signal.SIGKILL)
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.add(writer)
@@ -137,7 +151,20 @@ async def serve(args: argparse.Namespace) -> None:
     engine.shutdown()
 
 
+def _die_with(parent: int) -> None:
+    """Kill this process group (this worker and vLLM's engine processes: the replica started us as its leader)
+    as soon as the replica that started us is gone, however it went (SIGKILL included: then it closes nothing)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def main() -> None:
+    _die_with(os.getppid())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--socket", required=True)

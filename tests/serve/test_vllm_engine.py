@@ -1,0 +1,108 @@
+"""The vLLM engine's processes: they never outlive the replica that started them, and an engine that dies is seen.
+
+Real vLLM (the `.venv-vllm` environment `make venv` installs) on the tests' tiny model; no Ray: the replica side is
+this process or a child process playing the replica.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.serve.engine import Generation
+from pipelines.serve.vllm_engine import VllmEngine, vllm_available
+from tests.serve.tiny import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.timeout(600)
+ROOT = Path(__file__).resolve().parents[2]
+KV_CACHE_GIB = 0.0625
+
+
+def group(pgid: int) -> set[int]:
+    """The live processes of process group `pgid` (zombies excluded)."""
+    members = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def wait_gone(pgid: int, timeout: float = 20.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm() -> None:
+    assert vllm_available(), "the vLLM environment (.venv-vllm) is missing: `make venv` installs it"
+
+
+REPLICA = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from pipelines.serve.vllm_engine import VllmEngine
+from tests.serve.tiny import tiny_model, tiny_tokenizer
+tokenizer = tiny_tokenizer()
+engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib={KV_CACHE_GIB})
+print("worker", engine._proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_vllm_processes_die_with_a_killed_replica() -> None:
+    """SIGKILL on the replica (it closes nothing): vLLM's worker and its engine processes go within seconds."""
+    replica = subprocess.Popen([sys.executable, "-c", REPLICA], stdout=subprocess.PIPE, text=True)
+    try:
+        assert replica.stdout is not None
+        line = ""
+        while not line.startswith("worker "):
+            line = replica.stdout.readline()
+            assert line, "the replica exited before starting vLLM"
+        worker = int(line.split()[1])
+        members = group(worker)
+        assert worker in members and len(members) >= 2, members  # the worker and vLLM's engine core at least
+        replica.send_signal(signal.SIGKILL)
+        replica.wait()
+        assert wait_gone(worker) == set()
+    finally:
+        replica.kill()
+
+
+@pytest.mark.parametrize("killed", ["worker", "engine core"])
+def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> None:
+    """vLLM's worker, or the engine core under it, killed: the next request fails with an error (no hang), what is
+    left of the group exits, and `alive()` (what the replica's health check asks) says so."""
+    tokenizer = tiny_tokenizer()
+    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB)
+    try:
+        worker = engine._proc.pid
+        row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
+        engine.generate([row])
+        assert row.error is None and len(row.token_ids) == 4 and engine.alive()
+        core = sorted(group(worker) - {worker})
+        assert core, "no vLLM engine process beside the worker"
+        for pid in [worker] if killed == "worker" else core:
+            os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
+        engine.generate([row])
+        assert row.error is not None and time.monotonic() - started < 30
+        assert wait_gone(worker) == set()
+        assert not engine.alive()
+    finally:
+        engine.close()
