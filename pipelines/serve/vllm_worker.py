@@ -148,7 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
     stdin_closed = loop.run_in_executor(None, sys.stdin.read)
     async with server:
         await stdin_closed
-    engine.shutdown()
+    await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 10)
 
 
 def _die_with(parent: int) -> None:
@@ -165,6 +165,7 @@ def _die_with(parent: int) -> None:
 
 def main() -> None:
     _die_with(os.getppid())
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))  # the whole group, at once
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--socket", required=True)
@@ -181,7 +182,12 @@ def main() -> None:
     args.ready_fd = os.dup(1)
     os.dup2(2, 1)
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    finally:
+        # However we leave (stdin closed, an error, the replica gone while vLLM was still starting), vLLM's engine
+        # processes leave with us: its own shutdown does not always take them (orphans were seen).
+        os.killpg(0, signal.SIGKILL)
 
 
 if __name__ == "__main__":

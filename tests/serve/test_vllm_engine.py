@@ -64,16 +64,37 @@ time.sleep(600)
 """
 
 
-def test_vllm_processes_die_with_a_killed_replica() -> None:
-    """SIGKILL on the replica (it closes nothing): vLLM's worker and its engine processes go within seconds."""
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.parametrize("when", ["serving", "starting"])
+def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
+    """SIGKILL on the replica (it closes nothing), once vLLM serves or while it is still starting: vLLM's worker
+    and its engine processes go within seconds."""
     replica = subprocess.Popen([sys.executable, "-c", REPLICA], stdout=subprocess.PIPE, text=True)
     try:
         assert replica.stdout is not None
-        line = ""
-        while not line.startswith("worker "):
-            line = replica.stdout.readline()
-            assert line, "the replica exited before starting vLLM"
-        worker = int(line.split()[1])
+        if when == "serving":
+            line = ""
+            while not line.startswith("worker "):
+                line = replica.stdout.readline()
+                assert line, "the replica exited before starting vLLM"
+            worker = int(line.split()[1])
+        else:  # as soon as the worker has started vLLM's engine core, before it is ready
+            deadline = time.monotonic() + 300
+            while not (started := children(replica.pid)) or len(group(started[0])) < 2:
+                assert time.monotonic() < deadline and replica.poll() is None
+                time.sleep(0.1)
+            worker = started[0]
         members = group(worker)
         assert worker in members and len(members) >= 2, members  # the worker and vLLM's engine core at least
         replica.send_signal(signal.SIGKILL)
@@ -81,6 +102,17 @@ def test_vllm_processes_die_with_a_killed_replica() -> None:
         assert wait_gone(worker) == set()
     finally:
         replica.kill()
+
+
+def test_a_closed_engine_leaves_no_process() -> None:
+    """close() (a replica stopping, a replaced version retired): the worker and vLLM's engine processes all exit
+    (vLLM's own shutdown left its engine core behind in an earlier version of this code)."""
+    tokenizer = tiny_tokenizer()
+    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB)
+    worker = engine._proc.pid
+    assert len(group(worker)) >= 2
+    engine.close()
+    assert wait_gone(worker) == set()
 
 
 @pytest.mark.parametrize("killed", ["worker", "engine core"])
