@@ -166,7 +166,10 @@ _NOISE = re.compile(
     r"|return func\(\*args, \*\*kwargs\)|has constructor arguments in the object store"
     r"|Ray deduplicates logs by default|RAY_TRAIN_ENABLE_PRINT_PATCH|is_gradient_checkpointing. is deprecated"
     r"|^\s*warnings.warn\($|The autoscaler took .* seconds to complete the update iteration"
-    r"|^Found (credentials in|endpoint for \w+ via)")
+    r"|^Found (credentials in|endpoint for \w+ via)"
+    # transformers' advice to install torchvision for an image processor: the index's torchvision is a CUDA build
+    # that breaks the CPU torch, and the PIL processor it falls back to is the one we use
+    r"|requires torchvision \(not installed\); falling back to")
 
 
 def _filter_worker_logs() -> None:

@@ -28,6 +28,9 @@ init_ray(num_cpus=1)
 @ray.remote
 def hello():
     print("hello from a worker")
+    # what transformers says when an image processor falls back to PIL (we have no torchvision, on purpose)
+    print("[transformers] `CLIPImageProcessor` requires torchvision (not installed); falling back to "
+          "`CLIPImageProcessorPil` for backward compatibility. Install torchvision to use the default backend.")
 
 
 @ray.remote(num_cpus=64)
@@ -62,6 +65,7 @@ def test_ray_status_stays_out_of_the_console_and_the_task_logs(status_log: str |
     seen = json.loads(report.read_text())
     sink = "\n".join(seen["sink"])
     assert "hello from a worker" in sink  # the workers' lines pass
+    assert "torchvision" not in sink + proc.stdout + proc.stderr  # advice that would break the install does not
     assert "No available node types can fulfill resource request" in sink, sink  # and what a user can act on
     assert STATUS not in sink and STATUS not in proc.stdout + proc.stderr
     # By default the local monitor does not log it at all; when it does, the forwarding is what holds it back.

@@ -73,6 +73,9 @@ def configure_tracking() -> str:
     `PIPELINES_HOME` cannot resolve to another folder there.
     """
     uri = settings().mlflow_tracking_uri
+    # MLflow draws a progress bar for every download of a model's files (a few small files here): lines in the
+    # console and the Prefect logs that are not the user's progress. A user who sets it keeps theirs.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     db = _sqlite_file(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
