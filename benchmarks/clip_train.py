@@ -3,6 +3,7 @@ model, same batches, same machine.
 
     .venv/bin/python benchmarks/clip_train.py [--images 2000] [--image-size 64] [--micro-batch 64] [--steps 100]
                                               [--warmup 10] [--runs 3] [--cpus N] [--workdir .bench/clip]
+                                              [--loader-workers 0,1,2] [--no-bare-in-ray-train]
 
 What it does:
   1. Workload, made once (reused while WORKDIR/workload.marker matches): --images coloured shapes captioned by
@@ -20,7 +21,10 @@ What it does:
        MLflow or checkpoints.
      - ours: `pipelines pretrain --kind clip --workers 1 --cpus-per-worker C --tokenizer ... --max-failures 0
        --no-register-model --quiet`, otherwise its defaults (metrics to MLflow every step, checkpoints, held-out
-       recall and export at the end), MLflow in WORKDIR/mlflow.db.
+       recall and export at the end; batches made in its default number of loader processes), MLflow in
+       WORKDIR/mlflow.db. With --loader-workers N,M,...: one "ours" loop per count (`--loader-workers N`; 0:
+       decoded in the training thread as the bare loop does), all in the same rotation.
+     The bare loops decode in their training thread, as a plain user loop over the stream would.
   3. Per run, over the steps after --warmup: step samples/s = median of the per-step samples/s (both loops time
      a step from fetching the micro-batch to `loss.item()`); span samples/s = the measured steps' samples / the
      time from the end of step --warmup to the end of the last step (everything between steps included: ours'
@@ -157,7 +161,7 @@ def run_bare(args: argparse.Namespace, config: dict, i: int, in_ray_train: bool 
     return {**figures(data["step_s"], data["ends"], args.micro_batch, args.warmup), "final_loss": data["final_loss"]}
 
 
-def run_ours(args: argparse.Namespace, shards: str, tokenizer: str, i: int) -> dict:
+def run_ours(args: argparse.Namespace, shards: str, tokenizer: str, i: int, loader_workers: int | None) -> dict:
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{os.path.join(args.workdir, 'mlflow.db')}"
@@ -166,7 +170,7 @@ def run_ours(args: argparse.Namespace, shards: str, tokenizer: str, i: int) -> d
            "--cpus-per-worker", str(args.cpus), "--image-size", str(args.image_size), "--patch-size", "8",
            "--max-text-len", "16", "--micro-batch", str(args.micro_batch), "--max-steps", str(args.steps),
            "--seed", str(SEED), "--max-failures", "0", "--no-register-model", "--quiet", "--storage", storage,
-           "--run-name", name]
+           "--run-name", name, *(["--loader-workers", str(loader_workers)] if loader_workers is not None else [])]
     subprocess.run(cmd, check=True, env=dict(os.environ, MLFLOW_TRACKING_URI=uri), cwd=REPO)
     run_id = json.load(open(os.path.join(storage, name, "run.json")))["mlflow_run_id"]
     client = MlflowClient(uri)
@@ -186,6 +190,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     parser.add_argument("--workdir", default=os.path.join(REPO, ".bench", "clip"))
+    parser.add_argument("--loader-workers", help="comma-separated loader process counts, one ours loop each "
+                                                 "(default: one ours loop with its default)")
+    parser.add_argument("--no-bare-in-ray-train", dest="bare_in_ray_train_loop", action="store_false",
+                        help="leave out the bare loop in Ray Train")
     parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-in-ray-train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -199,13 +207,15 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     shards, tokenizer = make_workload(args.workdir, args.images)
     config = config_for(args, shards, tokenizer)
-    loops = ["bare", "bare in Ray Train", "ours"]
+    ours = {"ours": None} if args.loader_workers is None else {
+        f"ours, {n} loader process{'es' * (n != 1)}": n for n in map(int, args.loader_workers.split(","))}
+    loops = ["bare", *(["bare in Ray Train"] * args.bare_in_ray_train_loop), *ours]
     results: dict[str, list[dict]] = {loop: [] for loop in loops}
     for attempt in range(args.runs):
-        for loop in loops[attempt % 3:] + loops[:attempt % 3]:
+        for loop in loops[attempt % len(loops):] + loops[:attempt % len(loops)]:
             load_before, ticks_before = os.getloadavg()[0], cpu_ticks()
-            if loop == "ours":
-                figures_ = run_ours(args, shards, tokenizer, attempt)
+            if loop in ours:
+                figures_ = run_ours(args, shards, tokenizer, attempt, ours[loop])
             else:
                 figures_ = run_bare(args, config, attempt, in_ray_train=loop != "bare")
             figures_["load_1min"] = [load_before, os.getloadavg()[0]]  # other work on the machine shows here

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from rich.console import Console
+from torch.utils.data import IterableDataset
 
 from pipelines.errors import PipelineError
 from pipelines.runtime import filesystem
@@ -153,6 +154,11 @@ class ImageCaptionStream:
         self._position = dict(state["position"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for rows in self._micro_batches():
+            yield self._batch(rows)
+
+    def _micro_batches(self) -> Iterator[list[tuple[PairCursor, str, bytes, str]]]:
+        """The rows of each micro-batch, undecoded; `_position` is the position after it when it is handed out."""
         position = self._position
         chunk, emitted = position["chunk"], position["emitted"]
         start = PairCursor(**{k: position[k] for k in ("epoch", "tar", "sample", "index")})
@@ -171,7 +177,7 @@ class ImageCaptionStream:
                         self._position = {"chunk": chunk, "emitted": emitted, **asdict(start)}
                     else:
                         self._position = {"chunk": chunk + 1, "emitted": 0, **asdict(upcoming[0])}
-                    yield self._batch(rows)
+                    yield rows
                     rows = []
             chunk, emitted, start = chunk + 1, 0, upcoming[0]
 
@@ -192,6 +198,53 @@ class ImageCaptionStream:
             f"{EMPTY_EPOCHS} epochs (no pairs with both an image and a .txt, all held out, or unreadable tars)")
         for epoch, t, k, index, (key, data, caption) in walk:
             yield PairCursor(epoch, t, k, index), key, data, caption
+
+
+class _PositionedBatches(IterableDataset):
+    """What loader process w of a `BatchLoader`'s W runs: the stream's micro-batches w, w+W, w+2W, ..., each
+    made (decoded, augmented, tokenized) and sent with the stream's position after it; the other processes'
+    rows are read (tar bytes) but not decoded."""
+
+    def __init__(self, stream: ImageCaptionStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, rows in enumerate(self.stream._micro_batches()):
+            if i % workers == worker:
+                yield self.stream._batch(rows), dict(self.stream._position)
+
+
+class BatchLoader:
+    """An `ImageCaptionStream`'s batches (or a subclass's) made in `workers` loader processes, ahead of the
+    training thread (about `prefetch` batches), in the stream's own order: process w makes batches w, w+W, ...
+    and the DataLoader hands them out from the processes in turn. Each batch comes with the position after it,
+    which the stream takes as the batch is handed out: `state_dict()` matches the batches handed out so far, so
+    a checkpoint resumes exactly where the steps stopped."""
+
+    def __init__(self, stream: ImageCaptionStream, workers: int = 1, prefetch: int = 4):
+        if workers < 1:
+            raise ValueError(f"workers {workers}: a BatchLoader needs at least one loader process")
+        self.stream, self.workers, self.prefetch = stream, workers, prefetch
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_PositionedBatches(self.stream), batch_size=None, num_workers=self.workers,
+                            prefetch_factor=-(-self.prefetch // self.workers), in_order=True,
+                            pin_memory=torch.cuda.is_available())
+        for batch, position in loader:
+            self.stream._position = position
+            yield batch
+
+
+def stream_batches(stream: ImageCaptionStream, loader_workers: int) -> Iterator[Any]:
+    """What a training loop iterates: the stream's batches made in the training thread (0 loader workers) or
+    in that many loader processes; either way `stream.state_dict()` matches the batches handed out."""
+    return iter(BatchLoader(stream, loader_workers) if loader_workers else stream)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -316,7 +369,7 @@ def clip_train_loop(args: dict[str, Any]) -> None:
         metrics_log.add(step, {"restored_from_step": step})
         metrics_log.flush()
     samples_per_step = world * e.micro_batch * e.grad_accum
-    batches = iter(stream)
+    batches = stream_batches(stream, d.loader_workers)
     engine.train()
     stop_at = min(e.max_steps, e.stop_after or e.max_steps)
     while step < stop_at:

@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from torch.utils.data import DataLoader, IterableDataset
 
 from pipelines.errors import PipelineError
 from pipelines.runtime import failpoint, filesystem
 from pipelines.shards import TAR_ERRORS, read_tar
 from pipelines.train.autoencoder import image_pixels
-from pipelines.train.clip import ImageCaptionStream, heldout_pairs, read_image_tar
+from pipelines.train.clip import BatchLoader, ImageCaptionStream, heldout_pairs, read_image_tar, stream_batches
 from pipelines.train.data import ShardSet, is_heldout, open_shards
 from pipelines.train.diffusion_config import (ConditioningConfig, DiffusionDataConfig,  # noqa: F401
                                               DiffusionModelConfig, DiffusionPretrainConfig, ObjectiveConfig,
@@ -228,34 +227,7 @@ class DiffusionStream(ImageCaptionStream):
         return torch.from_numpy(np.stack(arrays)), captions
 
 
-class _PositionedBatches(IterableDataset):
-    """What `DiffusionLoader`'s process runs: the stream's batches, each with the stream's position after it."""
-
-    def __init__(self, stream: DiffusionStream):
-        self.stream = stream
-
-    def __iter__(self) -> Any:
-        for batch in self.stream:
-            yield batch, dict(self.stream._position)
-
-
-class DiffusionLoader:
-    """A `DiffusionStream`'s batches made in one loader process (reading tars, decoding latents or JPEGs,
-    caption dropout), `prefetch` batches ahead of the training thread, in the stream's own order. Each batch
-    comes with the position after it, which the stream takes as the batch is handed out: `state_dict()`
-    matches the batches handed out so far, so a checkpoint resumes exactly where the steps stopped."""
-
-    def __init__(self, stream: DiffusionStream, prefetch: int = 4):
-        self.stream, self.prefetch = stream, prefetch
-
-    def __iter__(self) -> Any:
-        import torch
-
-        loader = DataLoader(_PositionedBatches(self.stream), batch_size=None, num_workers=1,
-                            prefetch_factor=self.prefetch, pin_memory=torch.cuda.is_available())
-        for batch, position in loader:
-            self.stream._position = position
-            yield batch
+DiffusionLoader = BatchLoader  # a `DiffusionStream`'s batches in a loader process (the mechanism is the CLIP stream's)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -447,7 +419,7 @@ def diffusion_train_loop(args: dict[str, Any]) -> None:
         metrics_log.flush()
     evaluation = Evaluation(config, shards, text_encoder, tokenizer, vae, eval_clip) if rank == 0 else None
     samples_per_step = world * e.micro_batch * e.grad_accum
-    batches = iter(DiffusionLoader(stream) if d.loader_process else stream)
+    batches = stream_batches(stream, int(d.loader_process))
     engine.train()
     dtype = torch.bfloat16 if bf16 else torch.float32
     stop_at = min(e.max_steps, e.stop_after or e.max_steps)

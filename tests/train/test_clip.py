@@ -10,13 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 
 from pipelines.ingest.images import METADATA_SCHEMA
 from pipelines.ingest.shards import metadata_table, shard_stats
 from pipelines.shards import ShardOutput, write_manifest, write_shard
-from pipelines.train.clip import ClipPretrainConfig, ImageCaptionStream, image_tensor, pretrain_clip, read_image_tar
+from pipelines.train.clip import (ClipPretrainConfig, ImageCaptionStream, image_tensor, pretrain_clip, read_image_tar,
+                                   stream_batches)
 from pipelines.train.data import open_shards
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 30)}
@@ -106,6 +108,41 @@ def test_stream_is_deterministic_resumable_and_augments(shards: str, tmp_path: P
     assert (crops[0] == crops[1]).all() and not (crops[0] == crops[2]).all() and not (crops[0] == plain).all()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_processes_give_the_streams_batches_and_resume_position(shards: str, tmp_path: Path,
+                                                                        workers: int) -> None:
+    """Batches made in 1 or 2 loader processes are the stream's own, in its order, across an epoch's end; the
+    state after k batches handed out is the in-thread stream's after k (the loaders read ahead, the state
+    follows what was handed out) and resumes on batch k+1 exactly."""
+    from pipelines.train.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(CAPTIONS, 300, str(tmp_path / "tok"))
+
+    def stream() -> ImageCaptionStream:
+        return ImageCaptionStream(open_shards(shards), tokenizer, image_size=32, max_text_len=8, micro_batch=32,
+                                  rank=0, world_size=1, seed=3, shuffle_buffer=48, heldout_percent=10)
+
+    direct, k = stream(), 17
+    batches = iter(direct)
+    expected = [next(batches) for _ in range(k)]
+    state_after_k = direct.state_dict()
+    expected += [next(batches) for _ in range(18)]
+    assert direct.state_dict()["position"]["epoch"] == 1  # ~864 training pairs: 27 batches an epoch
+
+    loaded = stream()
+    batches = stream_batches(loaded, workers)
+    for want in expected[:k]:
+        for got, w in zip(next(batches), want, strict=True):
+            assert torch.equal(got, w)
+    assert loaded.state_dict() == state_after_k
+    resumed = stream()
+    resumed.load_state_dict(loaded.state_dict())
+    again = stream_batches(resumed, workers)
+    for want in expected[k:]:
+        for got, w in zip(next(again), want, strict=True):
+            assert torch.equal(got, w)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_two_workers_learn_shapes_register_and_embed(tmp_path: Path, shards: str, tracking: MlflowClient) -> None:
@@ -136,15 +173,18 @@ def test_two_workers_learn_shapes_register_and_embed(tmp_path: Path, shards: str
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_stop_and_resume_equals_a_straight_run(tmp_path: Path, shards: str, tracking: MlflowClient) -> None:
-    def config(path: Path, **engine: Any) -> ClipPretrainConfig:
+    """The straight run decodes in the training thread, the stopped one in 2 loader processes (which read ahead
+    of the step where it stops), the resumed one in 1: the same losses step for step."""
+    def config(path: Path, loader_workers: int, **engine: Any) -> ClipPretrainConfig:
         c = tiny_config(path, shards, workers=1, max_steps=12, checkpoint_every=4, **engine)
         c.registry.register_model = False
+        c.data.loader_workers = loader_workers
         return c
 
-    straight = pretrain_clip(config(tmp_path / "a").model_copy(update={"run_name": "straight"}))
-    stopped = pretrain_clip(config(tmp_path / "b", stop_after=6).model_copy(update={"run_name": "interrupted"}))
+    straight = pretrain_clip(config(tmp_path / "a", 0).model_copy(update={"run_name": "straight"}))
+    stopped = pretrain_clip(config(tmp_path / "b", 2, stop_after=6).model_copy(update={"run_name": "interrupted"}))
     assert stopped.stopped and stopped.steps == 6
-    resumed = pretrain_clip(config(tmp_path / "b").model_copy(update={"resume": "interrupted"}))
+    resumed = pretrain_clip(config(tmp_path / "b", 1).model_copy(update={"resume": "interrupted"}))
 
     assert resumed.mlflow_run_id == stopped.mlflow_run_id and resumed.steps == 12
     a = {m.step: m.value for m in tracking.get_metric_history(straight.mlflow_run_id, "loss")}

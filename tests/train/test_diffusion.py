@@ -301,7 +301,8 @@ def test_loader_process_gives_the_streams_batches_and_resume_position(tmp_path: 
 
     from pipelines.shards import ShardOutput, write_manifest, write_shard
     from pipelines.train.data import open_shards
-    from pipelines.train.diffusion import DiffusionLoader, DiffusionStream
+    from pipelines.train.clip import BatchLoader
+    from pipelines.train.diffusion import DiffusionStream
 
     rng = np.random.default_rng(0)
     out = ShardOutput(str(tmp_path))
@@ -324,13 +325,13 @@ def test_loader_process_gives_the_streams_batches_and_resume_position(tmp_path: 
     direct = iter(stream())
     expected = [next(direct) for _ in range(30)]  # past an epoch: 108 training samples, 13.5 batches each
     loaded = stream()
-    batches = iter(DiffusionLoader(loaded))
+    batches = iter(BatchLoader(loaded))
     for x, captions in expected[:17]:
         got_x, got_captions = next(batches)
         assert torch.equal(got_x, x) and got_captions == captions
     resumed = stream()
     resumed.load_state_dict(loaded.state_dict())
-    again = iter(DiffusionLoader(resumed))
+    again = iter(BatchLoader(resumed))
     for x, captions in expected[17:]:
         got_x, got_captions = next(again)
         assert torch.equal(got_x, x) and got_captions == captions
