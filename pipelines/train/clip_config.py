@@ -35,7 +35,7 @@ class ClipDataConfig(ConfigModel):
     loader_workers: int = Field(0, ge=0, description=(
         "Loader processes per training worker that read, decode, crop and tokenize the next batches while the "
         "step computes, the same batches in the same order with the same resume position (0: in the training "
-        "thread; on a 2-core CPU 1 or 2 were 5-7% slower, as they take cores from the step; for GPU training)."))
+        "thread; on 2 CPU cores 1 or 2 were 5-11% slower over a run, as they take the cores the step computes on)."))
 
 
 class ClipPretrainConfig(TrainRunConfig):
