@@ -111,7 +111,8 @@ class VllmEngine(TextEngine):
         self._finalizer = weakref.finalize(self, _stop, self._proc, self._log, self._dir)
         # The worker leads its own process group (vLLM's engine processes are in it): when the worker exits, for
         # whatever reason, what is left of the group goes too. The worker kills the group if this process dies.
-        threading.Thread(target=_reap_group, args=(self._proc,), name="vllm-reap", daemon=True).start()
+        self._exited = threading.Event()
+        threading.Thread(target=_reap_group, args=(self._proc, self._exited), name="vllm-reap", daemon=True).start()
         self._wait_ready(started)
         self._ids = itertools.count()
         self._lora_ids = itertools.count(1)
@@ -150,7 +151,7 @@ class VllmEngine(TextEngine):
 
     def alive(self) -> bool:
         """Whether vLLM's worker is still running (False once closed, or if it died)."""
-        return self._proc.poll() is None
+        return not self._exited.is_set()
 
     def retire(self) -> None:
         """This engine is no longer served (a new version replaced it): its worker and its memory go as soon as
@@ -416,8 +417,9 @@ class _Connection:
             self._queues.pop(rid, None)
 
 
-def _reap_group(proc: subprocess.Popen) -> None:
+def _reap_group(proc: subprocess.Popen, exited: threading.Event) -> None:
     proc.wait()
+    exited.set()
     try:
         os.killpg(proc.pid, 9)
     except OSError:

@@ -165,6 +165,10 @@ def _die_with(parent: int) -> None:
 
 def main() -> None:
     _die_with(os.getppid())
+    # The processes vLLM starts die with their parent even when nothing of ours runs (vllm_site/sitecustomize.py)
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
+    os.environ["PIPELINES_VLLM_DIE_WITH_PARENT"] = "1"
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))  # the whole group, at once
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)

@@ -76,14 +76,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("when", ["serving", "starting"])
+@pytest.mark.parametrize("when", ["serving", "starting", "serving, with its children"])
 def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
-    """SIGKILL on the replica (it closes nothing), once vLLM serves or while it is still starting: vLLM's worker
-    and its engine processes go within seconds."""
+    """SIGKILL on the replica (it closes nothing), once vLLM serves or while it is still starting, or on the
+    replica and its children at once (as Ray kills a replica): vLLM's worker and its engine processes go within
+    seconds."""
     replica = subprocess.Popen([sys.executable, "-c", REPLICA], stdout=subprocess.PIPE, text=True)
     try:
         assert replica.stdout is not None
-        if when == "serving":
+        if when.startswith("serving"):
             line = ""
             while not line.startswith("worker "):
                 line = replica.stdout.readline()
@@ -98,6 +99,8 @@ def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
         members = group(worker)
         assert worker in members and len(members) >= 2, members  # the worker and vLLM's engine core at least
         replica.send_signal(signal.SIGKILL)
+        if when.endswith("children"):
+            os.kill(worker, signal.SIGKILL)
         replica.wait()
         assert wait_gone(worker) == set()
     finally:
@@ -135,6 +138,9 @@ def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> N
         engine.generate([row])
         assert row.error is not None and time.monotonic() - started < 30
         assert wait_gone(worker) == set()
+        deadline = time.monotonic() + 5  # the replica's reaper has seen it go
+        while engine.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not engine.alive()
     finally:
         engine.close()
