@@ -51,7 +51,7 @@ from ray.serve import Application
 
 from pipelines.errors import PipelineError
 from pipelines.serve.config import API_KEYS_ENV, ServeConfig
-from pipelines.serve.engine import AdapterError, ClipEngine, Generation, TextEngine
+from pipelines.serve.engine import AdapterError, ClipEngine, Generation, RequestRefused, TextEngine
 from pipelines.serve.images import ImageEngine, Picture
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
 from pipelines.serve.vllm_engine import VllmEngine, vllm_available, vllm_can_serve
@@ -303,6 +303,7 @@ class OpenAIServer:
         if why is None:
             try:
                 return VllmEngine(model, tokenizer, name, version, kv_cache_gib=self.config.vllm_kv_cache_gib,
+                                  schema_compile_s=self.config.limits.max_schema_compile_s,
                                   max_loras=self.config.max_loaded_adapters if self.config.adapter else 0)
             except PipelineError as e:
                 why = str(e)
@@ -445,6 +446,10 @@ def _request_error(error: Exception) -> APIError:
         return error
     if isinstance(error, AdapterError):
         return APIError(503, f"{error}; retry", type="server_error", code="adapter_unavailable")
+    if isinstance(error, RequestRefused):
+        return APIError(error.status, str(error), param=error.param,
+                        code="rate_limit_exceeded" if error.status == 429 else "invalid_value",
+                        headers={"Retry-After": "1"} if error.status == 429 else None)
     return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error",
                     code="internal_error")
 

@@ -100,6 +100,14 @@ class LimitsConfig(ConfigModel):
         "request, images plus texts of one similarity request (400 above it).")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest image (width x height) decoded; 400 above it, from the header.")
+    max_schema_bytes: int = Field(
+        100_000, ge=1, description="Largest response_format JSON schema, as compact JSON, in bytes (400 above it).")
+    max_schema_depth: int = Field(
+        64, ge=1, le=64, description="Deepest nesting of objects and arrays in a response_format JSON schema "
+        "(400 above it; vLLM's own limit is 64).")
+    max_schema_compile_s: float = Field(
+        5.0, gt=0, description="Longest a new response_format JSON schema's grammar may take to compile, in "
+        "seconds on one thread, before vLLM sees it (400 above it; each schema is compiled once).")
 
 
 def model_name(uri: str) -> str:

@@ -62,6 +62,15 @@ class AdapterError(Exception):
     """An adapter that cannot be used with this model (wrong base, not a LoRA folder, peft missing)."""
 
 
+class RequestRefused(Exception):
+    """The engine refused a request for something in it (a JSON schema that does not compile): an HTTP status
+    of the 4xx family and the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
 class TokenLogprobs(NamedTuple):
     """A token's log-probability under the model, and the `k` most likely tokens at its place."""
 

@@ -764,7 +764,7 @@ def build_api(server: ModelServer) -> FastAPI:
             raise APIError(400, "logprobs are not streamed: ask without stream", param="logprobs",
                            code="unsupported_value")
         engine, adapter = await text_engine(body.model)
-        guide = _guided(body.response_format, engine)
+        guide = _guided(body.response_format, engine, limits)
         stop = _stop_strings(body.stop, limits)
         messages = [m.template_input() for m in body.messages]
         _check_message_chars(messages, limits)
@@ -942,8 +942,10 @@ _KINDS = {TextEngine: ("a language model", "/v1/completions, /v1/chat/completion
           ImageEngine: ("a diffusion model", "/v1/images/generations")}
 
 
-def _guided(response_format: ResponseFormat | None, engine: TextEngine) -> tuple[dict[str, Any] | None, bool]:
-    """(JSON schema, JSON object) of `response_format`: guided decoding, on the vLLM engine only."""
+def _guided(response_format: ResponseFormat | None, engine: TextEngine,
+            limits: LimitsConfig) -> tuple[dict[str, Any] | None, bool]:
+    """(JSON schema, JSON object) of `response_format`: guided decoding, on the vLLM engine only. The schema's
+    depth and size are checked here; whether its grammar compiles in time, by the vLLM worker."""
     if response_format is None or response_format.type == "text":
         return None, False
     if not engine.guided_decoding:
@@ -955,7 +957,26 @@ def _guided(response_format: ResponseFormat | None, engine: TextEngine) -> tuple
     if not isinstance(schema, dict):
         raise APIError(400, "response_format json_schema needs json_schema.schema (a JSON schema object)",
                        param="response_format", code="invalid_value")
+    if _nesting_exceeds(schema, limits.max_schema_depth):  # (first: no recursion into a document of any depth)
+        raise APIError(400, f"response_format json_schema: objects and arrays nest more than "
+                       f"{limits.max_schema_depth} levels deep in the schema (this server's limit)",
+                       param="response_format", code="invalid_value")
+    size = len(json.dumps(schema, separators=(",", ":")).encode())
+    if size > limits.max_schema_bytes:
+        raise APIError(400, f"response_format json_schema: the schema is {size} bytes as compact JSON; this server "
+                       f"takes at most {limits.max_schema_bytes}", param="response_format", code="invalid_value")
     return schema, False
+
+
+def _nesting_exceeds(document: Any, limit: int) -> bool:
+    """Whether objects and arrays nest deeper than `limit` levels in `document` (level by level, no recursion)."""
+    level = [document]
+    for _ in range(limit):
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 def _wrong_kind(model: str, engine: Any, asked: str) -> APIError:

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import PipelineError
-from pipelines.serve.engine import GREEDY_BELOW, AdapterError, Generation, TextEngine, TokenLogprobs
+from pipelines.serve.engine import (GREEDY_BELOW, AdapterError, Generation, RequestRefused, TextEngine,
+                                   TokenLogprobs)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -87,7 +88,7 @@ class VllmEngine(TextEngine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, version: int, *,
                  python: str | None = None, max_loras: int = 0, max_lora_rank: int = 64, kv_cache_gib: float = 1.0,
-                 cpus: float | None = None):
+                 cpus: float | None = None, schema_compile_s: float = 5.0):
         super().__init__(model, tokenizer, name, version)
         self._max_loras = max_loras
         python = python or vllm_python()
@@ -100,7 +101,8 @@ class VllmEngine(TextEngine):
         self._socket = str(self._dir / "engine.sock")
         args = [python, str(WORKER), "--model", str(folder), "--socket", self._socket,
                 "--max-model-len", str(self.context_length), "--max-loras", str(max_loras),
-                "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib)]
+                "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
+                "--schema-compile-s", str(schema_compile_s)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,6 +273,8 @@ class VllmEngine(TextEngine):
                 if reply is None:
                     raise RuntimeError(f"vLLM's engine went away:\n{self.worker_log(20)}")
                 if "e" in reply:
+                    if "status" in reply:  # the request's fault
+                        raise RequestRefused(reply["e"], reply["status"], reply.get("param"))
                     raise RuntimeError(f"vLLM: {reply['e']}")
                 if "plp" in reply:
                     row.prompt_token_logprobs = [None if e is None else _entry(*e) for e in reply["plp"]]

@@ -10,7 +10,8 @@ object per line each way, many requests in flight on one connection:
   `{"op": "remove_lora", "id": N}`.
 - out, per generate, as tokens come (vLLM's DELTA outputs): `{"id": ID, "t": [new token ids], "lp": [[logprob,
   [[token, logprob], ...]], ...] | null, "plp": [null | [token, logprob, [[token, logprob], ...]], ...] (first
-  message only, with prompt_logprobs), "f": finish reason | null}`; a failure: `{"id": ID, "e": "message"}`.
+  message only, with prompt_logprobs), "f": finish reason | null}`; a failure: `{"id": ID, "e": "message"}`,
+  with `"status": 400 | 429, "param": FIELD | null` where the request is at fault (a refused JSON schema).
 
 Text, stop strings, streaming and the OpenAI formats stay with the replica (it decodes the token ids itself), so
 vLLM runs without detokenizing. The first line written to stdout is `ready` once the engine has loaded; vLLM's own logs go to stderr.
@@ -23,11 +24,15 @@ import asyncio
 import json
 import logging
 import math
+import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
@@ -46,6 +51,145 @@ def _top(entry: dict[int, Any], k: int) -> list[list[Any]]:
     return out
 
 
+class Refused(Exception):
+    """A request this worker refuses (the client's fault): its HTTP status and the field at fault."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = "response_format"):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+
+class SchemaCheck:
+    """Every new JSON schema's grammar is compiled first here, in a process of its own and under a time limit,
+    before vLLM's engine sees the schema.
+
+    vLLM checks a schema's nesting and that xgrammar parses it, but compiles its grammar against the vocabulary in
+    the engine process, without a time limit, on up to 8 threads: a small hostile schema (20,000 enum values, a few
+    thousand properties) took minutes of both cores there, every other request waiting. Here a schema that does
+    not compile within `limit_s` on one thread is refused (a 400) and the checking process killed and started
+    again; verdicts are kept (most recent 1024 schemas) so that a schema is compiled here once."""
+
+    MAX_WAITING = 8  # schemas waiting for the checker beyond this are refused with a 429
+
+    def __init__(self, model: str, limit_s: float):
+        self.model, self.limit_s = model, limit_s
+        self._proc: Any = None
+        self._conn: Any = None
+        self._lock = threading.Lock()  # one schema at a time in the checking process
+        self._threads = ThreadPoolExecutor(self.MAX_WAITING, thread_name_prefix="schema-check")
+        self._waiting = 0  # schemas queued or compiling (a cancelled request's schema is still compiled)
+        self._count = threading.Lock()
+        self._verdicts: OrderedDict[str, str | None] = OrderedDict()
+
+    async def check(self, schema: Any) -> None:
+        """Raise `Refused` if `schema`'s grammar does not compile (its error) or not within the time limit."""
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        if key not in self._verdicts:
+            with self._count:
+                if self._waiting >= self.MAX_WAITING:
+                    raise Refused(f"{self._waiting} JSON schemas are waiting to be compiled; retry", status=429)
+                self._waiting += 1
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._verdict, key)
+        self._verdicts.move_to_end(key)
+        if (verdict := self._verdicts[key]) is not None:
+            raise Refused(f"response_format json_schema: {verdict}")
+
+    def _verdict(self, key: str) -> None:
+        try:
+            with self._lock:
+                if key not in self._verdicts:
+                    self._verdicts[key] = self._compile(key)
+                    while len(self._verdicts) > 1024:
+                        self._verdicts.popitem(last=False)
+        finally:
+            with self._count:
+                self._waiting -= 1
+
+    def _compile(self, key: str) -> str | None:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        # The limit is on the checker's CPU time (a busy machine does not make a schema too complex), and on its
+        # wall time at four times that.
+        spent, started = _cpu_seconds(self._proc.pid), time.monotonic()
+        self._conn.send(key)
+        while not self._conn.poll(0.05):
+            if (_cpu_seconds(self._proc.pid) - spent > self.limit_s
+                    or time.monotonic() - started > 4 * self.limit_s or not self._proc.is_alive()):
+                self._proc.kill()
+                self._proc.join()
+                self._proc = None
+                return f"its grammar did not compile within {self.limit_s:g} s (this server's limit); simplify it"
+        try:
+            return self._conn.recv()
+        except EOFError:  # it died (out of its memory limit)
+            self._proc = None
+            return "its grammar is too large to compile"
+
+    def warm(self) -> None:
+        """Start the checking process now, in the background (it takes seconds: xgrammar imports torch and
+        transformers)."""
+        self._threads.submit(self._warm)
+
+    def _warm(self) -> None:
+        with self._lock:
+            if self._proc is None:
+                self._start()
+
+    def _start(self) -> None:
+        # Always from one of `_threads` (they live as long as this process): the checker dies with the thread that
+        # started it (PR_SET_PDEATHSIG, vllm_site/sitecustomize.py), so never from a thread that ends.
+        context = multiprocessing.get_context("spawn")  # (a fork of a process running vLLM's threads: no)
+        self._conn, theirs = context.Pipe()
+        self._proc = context.Process(target=_compile_schemas, args=(theirs, self.model), name="schema-check",
+                                     daemon=True)
+        self._proc.start()
+        theirs.close()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("the JSON schema checker did not start")
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid`, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _compile_schemas(conn: Any, model: str) -> None:
+    """The checking process: compile each JSON schema received as vLLM's engine does (xgrammar, this model's
+    vocabulary, no free whitespace), on one thread; answer None or the error's message."""
+    import resource
+
+    import xgrammar as xgr
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    vocab_size = AutoConfig.from_pretrained(model).get_text_config().vocab_size
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    # Memory too: 4 GiB over what this process maps once set up (a grammar past it is refused as too large).
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 4 * 2**30, resource.RLIM_INFINITY))
+    conn.send("ready")
+    while True:
+        try:
+            schema = conn.recv()
+        except EOFError:  # the worker is gone
+            return
+        try:
+            compiler.compile_json_schema(schema, any_whitespace=False)
+            conn.send(None)
+        except MemoryError:
+            conn.send("its grammar is too large to compile")
+        except Exception as e:  # xgrammar's own messages: "[time] /project/cpp/file.cc:N: what is wrong"
+            conn.send(re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()).splitlines()[0] or type(e).__name__)
+
+
 async def writer_drain_all(writers: set[asyncio.StreamWriter]) -> None:
     for writer in list(writers):
         try:
@@ -58,6 +202,7 @@ async def serve(args: argparse.Namespace) -> None:
     from vllm import SamplingParams
     from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.exceptions import VLLMClientError
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -71,17 +216,19 @@ async def serve(args: argparse.Namespace) -> None:
         # guided JSON without free whitespace between tokens (compact, as OpenAI's): the engine's setting
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
     engine = AsyncLLM.from_engine_args(engine_args)
+    schemas = SchemaCheck(args.model, args.schema_compile_s)
     writers: set[asyncio.StreamWriter] = set()
 
     async def run(msg: dict[str, Any], send: Any) -> None:
         rid = msg["id"]
+        structured = None
         try:
             params = dict(msg.get("params") or {})
             if params.get("logit_bias"):  # JSON keys are strings
                 params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
             logprobs, prompt_logprobs = params.get("logprobs"), params.get("prompt_logprobs")
-            structured = None
             if msg.get("json_schema") is not None:
+                await schemas.check(msg["json_schema"])
                 structured = StructuredOutputsParams(json=msg["json_schema"])
             elif msg.get("json_object"):
                 structured = StructuredOutputsParams(json_object=True)
@@ -104,6 +251,12 @@ async def serve(args: argparse.Namespace) -> None:
                 send(reply)
         except asyncio.CancelledError:
             raise
+        except Refused as e:
+            send({"id": rid, "e": str(e), "status": e.status, "param": e.param})
+        except VLLMClientError as e:  # vLLM's checks of the request (a schema nested too deep, a bad regex...)
+            message = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
+            send({"id": rid, "e": message, "status": 400,
+                  "param": "response_format" if structured is not None else getattr(e, "parameter", None)})
         except Exception as e:
             send({"id": rid, "e": f"{type(e).__name__}: {e}"})
             if engine.errored:  # vLLM's engine process died: nothing more can be served; the replica sees us go
@@ -143,11 +296,13 @@ async def serve(args: argparse.Namespace) -> None:
         os.unlink(args.socket)
     server = await asyncio.start_unix_server(client, path=args.socket, limit=1 << 26)
     os.write(args.ready_fd, b"ready\n")
+    schemas.warm()
     # The replica closes our stdin when it goes (or dies): then we go too.
     loop = asyncio.get_running_loop()
     stdin_closed = loop.run_in_executor(None, sys.stdin.read)
     async with server:
         await stdin_closed
+    schemas.close()
     await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 10)
 
 
@@ -180,6 +335,7 @@ def main() -> None:
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
+    parser.add_argument("--schema-compile-s", type=float, default=5.0)
     args = parser.parse_args()
     # vLLM logs to stdout (its engine processes inherit it): stdout becomes stderr, and only "ready" goes to the
     # replica's pipe.

@@ -401,3 +401,74 @@ def test_json_schema_output_parses_and_validates(server: Server) -> None:
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
     else:
         assert obj.choices[0].message.content.startswith("{")
+
+
+def _nested(levels: int) -> str:
+    """A schema of arrays in arrays `levels` deep, as JSON text (json.dumps recurses: it cannot write it)."""
+    return '{"type":"array","items":' * levels + '{"type":"integer"}' + "}" * levels
+
+
+# Schemas a client may send to hurt the server: each is a 400 naming response_format, none costs the engine more
+# than the compile time limit, and the server serves on (vLLM alone took minutes of both cores on some, and a 500
+# on others).
+HOSTILE_SCHEMAS = {
+    "nested 100 deep": (_nested(100), "nest more than 64"),
+    "300 kB": ({"type": "object", "properties": {f"field_{i:06d}": {"type": "boolean"} for i in range(9000)}},
+               "bytes as compact json"),
+    "3400 properties: slow to compile": (
+        {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3400)}}, "did not compile"),
+    "unclosed pattern": ({"type": "string", "pattern": "a(b"}, "regex"),
+    "integer past int64": ({"type": "integer", "maximum": 1e30}, "exceeds"),
+    "reference to nothing": ({"$ref": "#/definitions/missing"}, "definitions"),
+    "type of a number": ({"type": 7}, "type"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_SCHEMAS))
+def test_hostile_json_schemas_are_refused_and_the_server_serves_on(server: Server, name: str) -> None:
+    """A schema too deep, too large, too slow to compile or that does not compile: a 400 naming response_format
+    with the reason, in bounded time; a plain request sent meanwhile is answered at once, and guided decoding
+    still works after."""
+    assert ON_VLLM, "guided decoding is the vLLM engine's: make venv installs its environment (.venv-vllm)"
+    schema, reason = HOSTILE_SCHEMAS[name]
+    schema = schema if isinstance(schema, str) else json.dumps(schema)
+    body = json.dumps({**CHAT, "max_tokens": 8, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": "SCHEMA"}}}).replace('"SCHEMA"', schema)
+    limit = server.config.limits.max_schema_compile_s
+
+    async def both() -> tuple[httpx.Response, float, float]:
+        async with httpx.AsyncClient(base_url=server.url, headers=auth(server), timeout=120) as http:
+            started = asyncio.get_running_loop().time()
+            hostile = asyncio.ensure_future(http.post("/v1/chat/completions", content=body,
+                                                      headers={"Content-Type": "application/json"}))
+            await asyncio.sleep(0.3)
+            plain = await http.post("/v1/completions", json={**COMPLETION, "max_tokens": 4, "temperature": 0})
+            assert plain.status_code == 200, plain.text
+            plain_s = asyncio.get_running_loop().time() - started - 0.3
+            answer = await hostile
+            return answer, asyncio.get_running_loop().time() - started, plain_s
+
+    answer, took, plain_s = asyncio.run(both())
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "response_format" and reason in error["message"].lower(), error
+    assert took < 4 * limit + 10, took  # the check's wall-time bound, and a checker restarted after a kill
+    assert plain_s < 3, plain_s  # not held up behind the schema
+    c = client(server)  # guided decoding is whole after
+    out = c.chat.completions.create(model="lm", messages=CHAT["messages"], max_tokens=44, temperature=0,
+                                    response_format={"type": "json_schema", "json_schema": {"name": "a",
+                                                                                            "schema": SCHEMA}})
+    assert out.choices[0].finish_reason == "stop"
+    json.loads(out.choices[0].message.content)
+
+
+def test_a_schema_is_compiled_once(server: Server) -> None:
+    """A refused schema sent again is refused from the verdict kept, at once (not compiled again)."""
+    schema = {"type": "object", "properties": {f"r{i}": {"type": "string"} for i in range(3300)}}
+    body = {**CHAT, "max_tokens": 4, "response_format": {"type": "json_schema", "json_schema": {"name": "y",
+                                                                                                 "schema": schema}}}
+    first = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth(server), timeout=120)
+    assert first.status_code == 400 and "did not compile" in first.json()["error"]["message"], first.text
+    again = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=auth(server), timeout=120)
+    assert again.status_code == 400 and again.json() == first.json()
+    assert again.elapsed.total_seconds() < 1.5, again.elapsed
