@@ -304,6 +304,7 @@ class OpenAIServer:
             try:
                 return VllmEngine(model, tokenizer, name, version, kv_cache_gib=self.config.vllm_kv_cache_gib,
                                   schema_compile_s=self.config.limits.max_schema_compile_s,
+                                  compile=self.config.vllm_compile,
                                   max_loras=self.config.max_loaded_adapters if self.config.adapter else 0)
             except PipelineError as e:
                 why = str(e)

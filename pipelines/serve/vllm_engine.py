@@ -88,7 +88,7 @@ class VllmEngine(TextEngine):
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, version: int, *,
                  python: str | None = None, max_loras: int = 0, max_lora_rank: int = 64, kv_cache_gib: float = 1.0,
-                 cpus: float | None = None, schema_compile_s: float = 5.0):
+                 cpus: float | None = None, schema_compile_s: float = 5.0, compile: bool = True):
         super().__init__(model, tokenizer, name, version)
         self._max_loras = max_loras
         python = python or vllm_python()
@@ -102,7 +102,7 @@ class VllmEngine(TextEngine):
         args = [python, str(WORKER), "--model", str(folder), "--socket", self._socket,
                 "--max-model-len", str(self.context_length), "--max-loras", str(max_loras),
                 "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
-                "--schema-compile-s", str(schema_compile_s)]
+                "--schema-compile-s", str(schema_compile_s), *([] if compile else ["--eager"])]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")

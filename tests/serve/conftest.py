@@ -125,7 +125,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     assert register(hf_folders[0], "lm", 10.0) == 1
     wait_for_port()
     keys = [f"sk-test-{i}" for i in range(100)]
-    config = ServeConfig(model="models:/lm@champion", vllm_kv_cache_gib=TEST_KV_CACHE_GIB,
+    config = ServeConfig(model="models:/lm@champion", vllm_kv_cache_gib=TEST_KV_CACHE_GIB, vllm_compile=False,
                          adapter=["models:/lm-lora@champion", "models:/other-lora@champion"],
                          port=PORT, watch_interval_s=1.0, default_max_tokens=16, max_tokens_limit=48,
                          access={"api_keys": keys, "rate_limit": 60}, blocking=False)

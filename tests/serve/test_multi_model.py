@@ -62,7 +62,7 @@ def url(ray_cluster: None, tracking: MlflowClient, folders: dict[int, Path], hf_
     register_adapter(lora_folder(hf_folders[1], root / "other-lora", seed=2), "other-lora", f"models:/other/{other}")
     wait_for_port()
     url = serve_model(ServeConfig(model="models:/tiny-sd@champion", also=["models:/lm@champion"],
-                                  vllm_kv_cache_gib=TEST_KV_CACHE_GIB,
+                                  vllm_kv_cache_gib=TEST_KV_CACHE_GIB, vllm_compile=False,
                                   adapter=["models:/lm-lora@champion", "models:/other-lora@champion"], port=PORT,
                                   watch_interval_s=1.0, blocking=False, access={"api_keys": [KEY]}))
     assert url is not None

@@ -44,7 +44,7 @@ def server(ray_cluster: None, tracking: MlflowClient, hf_folders: dict[int, Path
     key_file = tmp_path_factory.mktemp("keys") / "keys.txt"
     key_file.write_text(f"{FILE_KEY}\n")
     config = ServeConfig(model="models:/lm@champion", port=PORT, watch_interval_s=0, default_max_tokens=16,
-                         vllm_kv_cache_gib=TEST_KV_CACHE_GIB,
+                         vllm_kv_cache_gib=TEST_KV_CACHE_GIB, vllm_compile=False,
                          max_tokens_limit=48, access={"api_keys_file": str(key_file)},
                          limits={"max_prompt_chars": MAX_PROMPT_CHARS}, blocking=False)
     wait_for_port()

@@ -58,7 +58,7 @@ sys.path.insert(0, {str(ROOT)!r})
 from pipelines.serve.vllm_engine import VllmEngine
 from tests.serve.tiny import tiny_model, tiny_tokenizer
 tokenizer = tiny_tokenizer()
-engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib={KV_CACHE_GIB})
+engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib={KV_CACHE_GIB}, compile=False)
 print("worker", engine._proc.pid, flush=True)
 time.sleep(600)
 """
@@ -111,7 +111,7 @@ def test_a_closed_engine_leaves_no_process() -> None:
     """close() (a replica stopping, a replaced version retired): the worker and vLLM's engine processes all exit
     (vLLM's own shutdown left its engine core behind in an earlier version of this code)."""
     tokenizer = tiny_tokenizer()
-    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB)
+    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB, compile=False)
     worker = engine._proc.pid
     assert len(group(worker)) >= 2
     engine.close()
@@ -123,7 +123,7 @@ def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> N
     """vLLM's worker, or the engine core under it, killed: the next request fails with an error (no hang), what is
     left of the group exits, and `alive()` (what the replica's health check asks) says so."""
     tokenizer = tiny_tokenizer()
-    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB)
+    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB, compile=False)
     try:
         worker = engine._proc.pid
         row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
