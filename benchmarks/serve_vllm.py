@@ -1,6 +1,7 @@
 """Streaming generation throughput and latency: `pipelines serve` on vLLM, on transformers, and bare vLLM's server.
 
     .venv/bin/python benchmarks/serve_vllm.py [--runs 3] [--clients 1,8,64] [--max-tokens 32] [--requests-per-client 4]
+                                              [--requests 256] [--settle-s 2]
                                               [--port 8800] [--workdir .bench/serve-vllm] [--servers ours-vllm,...]
 
 What it does:
@@ -14,8 +15,8 @@ What it does:
                           on the same folder, with the engine settings ours-vllm gives its child (float32, 1 GiB
                           of KV cache, max_model_len = the model's context, prefix caching).
   3. RUNS rounds; in each, for every number of clients, every server in turn (the order rotating each round):
-     CLIENTS concurrent clients, each sending REQUESTS_PER_CLIENT streaming completions one after the other (at
-     least 64 requests in all: 64 one after the other for 1 client)
+     after SETTLE_S idle seconds, CLIENTS concurrent clients, each sending REQUESTS_PER_CLIENT streaming
+     completions one after the other (at least REQUESTS (256) in all: 256 one after the other for 1 client)
      (POST /v1/completions, prompt "the quick brown", max_tokens MAX_TOKENS, temperature 0, stream with usage).
      Measured: output tokens/s (the usage's completion tokens over the wall time of the whole load), time to first
      token (request sent to first text chunk) and per-token latency ((last chunk - first chunk) / (tokens - 1)) at
@@ -122,7 +123,7 @@ async def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict
 
 def report(results: dict[str, dict[str, list[dict]]], args: argparse.Namespace, loads: list[str]) -> str:
     lines = [f"{args.runs} rounds, {args.max_tokens} output tokens per request, max({args.requests_per_client}, "
-             f"64 / clients) requests per client; medians over the rounds. Load average: {' -> '.join(loads)}", "",
+             f"{args.requests} / clients) requests per client, {args.settle_s:g} s idle before each load; medians over the rounds. Load average: {' -> '.join(loads)}", "",
              "| clients | server | output tok/s | x bare vLLM | TTFT p50 / p99 ms | per-token p50 / p99 ms | errors |",
              "|---|---|---|---|---|---|---|"]
     for clients in args.clients:
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=256, help="requests per load, at least")
+    parser.add_argument("--settle-s", type=float, default=2.0, help="idle seconds before each load")
     parser.add_argument("--port", type=int, default=8800)
     parser.add_argument("--workdir", default=str(REPO / ".bench" / "serve-vllm"))
     parser.add_argument("--servers", default=",".join(SERVERS))
@@ -172,7 +175,10 @@ def main() -> None:
             order = args.servers[run % len(args.servers):] + args.servers[:run % len(args.servers)]
             for clients in args.clients:
                 for name in order:
-                    per_client = max(args.requests_per_client, 64 // clients)  # at least 64 requests a load
+                    # The last load's vLLM processes busy-wait for their next step for 1 s after it (vLLM's
+                    # shm_broadcast), on the core each server's CPU worker is bound to (the same one): settle first.
+                    time.sleep(args.settle_s)
+                    per_client = max(args.requests_per_client, args.requests // clients)
                     figures = asyncio.run(load(f"{servers[name][1]}/v1/completions", clients, per_client,
                                                args.max_tokens))
                     results[name][str(clients)].append(figures)

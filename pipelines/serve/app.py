@@ -447,6 +447,9 @@ def _request_error(error: Exception) -> APIError:
         return error
     if isinstance(error, AdapterError):
         return APIError(503, f"{error}; retry", type="server_error", code="adapter_unavailable")
+    if isinstance(error, RequestRefused) and error.status >= 500:
+        return APIError(error.status, str(error), type="server_error", code="service_unavailable",
+                        headers={"Retry-After": "1"})
     if isinstance(error, RequestRefused):
         return APIError(error.status, str(error), param=error.param,
                         code="rate_limit_exceeded" if error.status == 429 else "invalid_value",

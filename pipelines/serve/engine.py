@@ -63,8 +63,8 @@ class AdapterError(Exception):
 
 
 class RequestRefused(Exception):
-    """The engine refused a request for something in it (a JSON schema that does not compile): an HTTP status
-    of the 4xx family and the field at fault."""
+    """The engine refused a request: for something in it (a JSON schema that does not compile; an HTTP status of
+    the 4xx family and the field at fault), or for now (503: a part it needs failed; retry)."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None):
         super().__init__(message)

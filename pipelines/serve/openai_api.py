@@ -63,6 +63,7 @@ import itertools
 import json
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -1377,7 +1378,15 @@ async def _pieces(server: ModelServer, engine: TextEngine, row: Generation) -> A
     """The row's text as it is generated (the generation runs in the server's batches)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str | None] = asyncio.Queue()
-    row.sink = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
+    loop_thread = threading.get_ident()
+
+    def sink(piece: str | None) -> None:  # from a batch's thread (transformers) or this loop (vLLM: no wake-up)
+        if threading.get_ident() == loop_thread:
+            queue.put_nowait(piece)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+    row.sink = sink
     task = asyncio.ensure_future(server.generate(engine, [row]))
     task.add_done_callback(lambda _: queue.put_nowait(None))  # ends the loop below if it failed early
     try:

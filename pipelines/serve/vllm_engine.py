@@ -110,10 +110,11 @@ class VllmEngine(TextEngine):
         started = time.monotonic()
         self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
                                       env=env, start_new_session=True)
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._log, self._dir)
         # The worker leads its own process group (vLLM's engine processes are in it): when the worker exits, for
         # whatever reason, what is left of the group goes too. The worker kills the group if this process dies.
+        # One thread waits for the worker (`_reap_group`); closing only closes its stdin and waits for that.
         self._exited = threading.Event()
+        self._finalizer = weakref.finalize(self, _stop, self._proc, self._exited, self._log, self._dir)
         threading.Thread(target=_reap_group, args=(self._proc, self._exited), name="vllm-reap", daemon=True).start()
         self._wait_ready(started)
         self._ids = itertools.count()
@@ -430,7 +431,7 @@ def _reap_group(proc: subprocess.Popen, exited: threading.Event) -> None:
         pass  # nothing left of the group
 
 
-def _stop(proc: subprocess.Popen, log_file: Any, folder: Path) -> None:
+def _stop(proc: subprocess.Popen, exited: threading.Event, log_file: Any, folder: Path) -> None:
     """Close the worker's stdin (it exits); a thread kills its process group if it is still there after 15 s.
     Never blocks the caller: the finalizer may run on the replica's event loop (an old version dropped)."""
     try:
@@ -439,16 +440,14 @@ def _stop(proc: subprocess.Popen, log_file: Any, folder: Path) -> None:
     except OSError:
         pass
 
-    def reap() -> None:
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+    def clean_up() -> None:
+        if not exited.wait(15):
             try:
-                os.killpg(proc.pid, 9)
+                os.killpg(proc.pid, 9)  # still running (`exited` is set once it is reaped): its group
             except OSError:
                 pass
-            proc.wait()
+            exited.wait()
         log_file.close()
         shutil.rmtree(folder, ignore_errors=True)
 
-    threading.Thread(target=reap, name="vllm-stop", daemon=True).start()
+    threading.Thread(target=clean_up, name="vllm-stop", daemon=True).start()

@@ -36,6 +36,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
+def _kill_group() -> None:
+    """SIGKILL this process group: this worker, vLLM's engine processes and the schema checker, at once."""
+    os.killpg(0, signal.SIGKILL)
+
+
+def _native_message(error: BaseException) -> str:
+    """An error's message without the "[time] /project/cpp/file.cc:N: " that xgrammar's C++ puts in it."""
+    return re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(error)).strip()
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -52,7 +62,8 @@ def _top(entry: dict[int, Any], k: int) -> list[list[Any]]:
 
 
 class Refused(Exception):
-    """A request this worker refuses (the client's fault): its HTTP status and the field at fault."""
+    """A request this worker refuses: its HTTP status (4xx: the client's fault; 503: ours, retry) and the field at
+    fault."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = "response_format"):
         super().__init__(message)
@@ -89,7 +100,11 @@ class SchemaCheck:
                 if self._waiting >= self.MAX_WAITING:
                     raise Refused(f"{self._waiting} JSON schemas are waiting to be compiled; retry", status=429)
                 self._waiting += 1
-            await asyncio.get_running_loop().run_in_executor(self._threads, self._verdict, key)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._threads, self._verdict, key)
+            except Exception as e:  # the checker itself failed (it could not start): our fault, not the schema's
+                raise Refused(f"the JSON schema checker failed ({type(e).__name__}: {e}); retry", status=503,
+                              param=None) from e
         self._verdicts.move_to_end(key)
         if (verdict := self._verdicts[key]) is not None:
             raise Refused(f"response_format json_schema: {verdict}")
@@ -144,8 +159,14 @@ class SchemaCheck:
                                      daemon=True)
         self._proc.start()
         theirs.close()
-        if self._conn.recv() != "ready":
-            raise RuntimeError("the JSON schema checker did not start")
+        try:
+            ready = self._conn.recv()
+        except EOFError:
+            ready = None
+        if ready != "ready":
+            self._proc.kill()
+            self._proc = None  # started again for the next schema
+            raise RuntimeError("its process exited while starting")
 
     def close(self) -> None:
         if self._proc is not None:
@@ -186,11 +207,12 @@ def _compile_schemas(conn: Any, model: str) -> None:
             conn.send(None)
         except MemoryError:
             conn.send("its grammar is too large to compile")
-        except Exception as e:  # xgrammar's own messages: "[time] /project/cpp/file.cc:N: what is wrong"
-            conn.send(re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip()).splitlines()[0] or type(e).__name__)
+        except Exception as e:
+            conn.send((_native_message(e).splitlines() or [type(e).__name__])[0])
 
 
 async def writer_drain_all(writers: set[asyncio.StreamWriter]) -> None:
+    await asyncio.sleep(0)  # the replies waiting to be flushed are written first
     for writer in list(writers):
         try:
             await asyncio.wait_for(writer.drain(), 1.0)
@@ -255,22 +277,31 @@ async def serve(args: argparse.Namespace) -> None:
         except Refused as e:
             send({"id": rid, "e": str(e), "status": e.status, "param": e.param})
         except VLLMClientError as e:  # vLLM's checks of the request (a schema nested too deep, a bad regex...)
-            message = re.sub(r"\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
-            send({"id": rid, "e": message, "status": 400,
+            send({"id": rid, "e": _native_message(e), "status": 400,
                   "param": "response_format" if structured is not None else getattr(e, "parameter", None)})
         except Exception as e:
             send({"id": rid, "e": f"{type(e).__name__}: {e}"})
             if engine.errored:  # vLLM's engine process died: nothing more can be served; the replica sees us go
                 await writer_drain_all(writers)
-                os.killpg(0, signal.SIGKILL)
+                _kill_group()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.add(writer)
         tasks: dict[str, asyncio.Task] = {}
+        # The replies of one engine step (one per request running) go out in one write, after the requests' tasks
+        # have all run: one system call and one wake-up of the replica per step, not per request.
+        pending: list[bytes] = []
+        loop = asyncio.get_running_loop()
+
+        def flush() -> None:
+            if not writer.is_closing():
+                writer.write(b"".join(pending))
+            pending.clear()
 
         def send(obj: dict[str, Any]) -> None:
-            if not writer.is_closing():
-                writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+            if not pending:
+                loop.call_soon(flush)
+            pending.append(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
         try:
             while line := await reader.readline():
@@ -314,7 +345,7 @@ def _die_with(parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
-        os.killpg(0, signal.SIGKILL)
+        _kill_group()
 
     threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
@@ -325,7 +356,7 @@ def main() -> None:
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_site")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
     os.environ["PIPELINES_VLLM_DIE_WITH_PARENT"] = "1"
-    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))  # the whole group, at once
+    signal.signal(signal.SIGTERM, lambda *_: _kill_group())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--socket", required=True)
@@ -349,7 +380,7 @@ def main() -> None:
     finally:
         # However we leave (stdin closed, an error, the replica gone while vLLM was still starting), vLLM's engine
         # processes leave with us: its own shutdown does not always take them (orphans were seen).
-        os.killpg(0, signal.SIGKILL)
+        _kill_group()
 
 
 if __name__ == "__main__":

@@ -144,3 +144,42 @@ def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> N
         assert not engine.alive()
     finally:
         engine.close()
+
+
+def test_a_schema_checker_that_cannot_start_is_a_503_then_retried() -> None:
+    """The JSON schema checker is the server's part: when it cannot start, a schema is refused with a 503 (retry),
+    not judged, and the next schema tries to start it again."""
+    from pipelines.serve.vllm_engine import vllm_python
+
+    script = f"""
+import asyncio, sys
+sys.path.insert(0, {str(ROOT / "pipelines" / "serve")!r})
+from vllm_worker import Refused, SchemaCheck
+
+check = SchemaCheck("/nonexistent/model", 5.0)
+for schema in ({{"type": "object"}}, {{"type": "string"}}):
+    try:
+        asyncio.run(check.check(schema))
+        print("accepted")
+    except Refused as e:
+        print(e.status, e.param, e)
+"""
+    out = subprocess.run([vllm_python(), "-c", script], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(lines) == 2, out.stdout
+    for line in lines:
+        assert line.startswith("503 None the JSON schema checker failed"), line
+        assert line.endswith("; retry"), line
+
+
+def test_the_engine_refusing_for_now_is_a_503_with_retry_after() -> None:
+    from pipelines.serve.app import _request_error
+    from pipelines.serve.engine import RequestRefused
+
+    error = _request_error(RequestRefused("the JSON schema checker failed (x); retry", 503))
+    body = error.response()
+    assert body.status_code == 503 and body.headers["Retry-After"] == "1"
+    assert error.type == "server_error" and error.param is None
+    refused = _request_error(RequestRefused("bad schema", 400, "response_format")).response()
+    assert refused.status_code == 400 and "Retry-After" not in refused.headers
