@@ -12,12 +12,16 @@ venv: $(STAMP) $(VLLM_STAMP)
 
 # Installs come from requirements.lock: exact versions of every package (dev tools included), the set the
 # tests passed with, so a fresh machine gets that set whatever was released since. `make lock` refreshes it.
+# DeepSpeed compiles its CPU communication op the first time a training job starts (22-25 s on 2 cores): it is
+# built here, once, where pipelines.runtime points TORCH_EXTENSIONS_DIR, rather than in the first run.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(BIN)/python -c "from deepspeed.accelerator import \
+	    get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 # vLLM (the serving engine, pipelines/serve/vllm_engine.py) in its own environment: it pins transformers and fastapi

@@ -704,6 +704,9 @@ class DeployStage(ConfigModel):
     image_prompt: str = Field("a photo of coffee", description=(
         "The image model's smoke request (when the run has a `diffusion:` section)."))
     keep_serving: bool = Field(False, description="Keep the endpoint up after the summary, until Ctrl-C.")
+    vllm_compile: bool = Field(True, description=(
+        "Compile the language model for vLLM (torch.compile), as vLLM does by default; off: eager, a faster "
+        "start (the demo's choice)."))
 
 
 class EncodeStage(ConfigModel):
@@ -787,7 +790,8 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
         raise PipelineError("end-to-end: the CLIP and image models train on images: give images.input")
     serve = None
     if config.until == "deploy":
-        serve = ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port)
+        serve = ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port,
+                            vllm_compile=config.deploy.vllm_compile)
         import ray
 
         if not ray.is_initialized() and not settings().ray_address:  # Serve's settings, before Ray starts
