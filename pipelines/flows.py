@@ -704,9 +704,7 @@ class DeployStage(ConfigModel):
     image_prompt: str = Field("a photo of coffee", description=(
         "The image model's smoke request (when the run has a `diffusion:` section)."))
     keep_serving: bool = Field(False, description="Keep the endpoint up after the summary, until Ctrl-C.")
-    vllm_compile: bool = Field(True, description=(
-        "Compile the language model for vLLM (torch.compile), as vLLM does by default; off: eager, a faster "
-        "start (the demo's choice)."))
+    vllm_compile: bool = Field(True, description=ServeConfig.model_fields["vllm_compile"].description)
 
 
 class EncodeStage(ConfigModel):
