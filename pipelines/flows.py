@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
+from builtins import print as _builtin_print  # the unpatched one: Prefect's `log_prints` replaces builtins.print
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -40,6 +42,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.context import TaskRunContext  # noqa: E402
 from prefect.states import State  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
+import prefect.logging.loggers as _prefect_loggers  # noqa: E402
 
 from pipelines.config import ConfigModel, load_config  # noqa: E402
 from pipelines.curate.run import CurateConfig, curate  # noqa: E402
@@ -62,6 +65,23 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 class StageIncomplete(RuntimeError):
     """A stage finished without all of its work (shards that failed): worth a retry, which resumes."""
+
+
+# -- printed lines in a run's log --------------------------------------------------------------------
+def _print_unless_captured(*args: Any, **kwargs: Any) -> None:
+    """`log_prints` sends a print to the run's log, less one that a library is capturing.
+
+    Prefect's patched `print` logs whatever goes to `sys.stdout`, even while a library has pointed it at a
+    buffer to read its own output back: dill (datasets' fingerprinting, in the eval stage) finds a function's
+    globals by capturing `dis.dis`, so the bytecode went to the eval task's log and dill read nothing. A print
+    to a `sys.stdout` that is a `StringIO` (`contextlib.redirect_stdout`, dill's `capture`) stays there."""
+    if kwargs.get("file") is None and isinstance(sys.stdout, io.StringIO):
+        return _builtin_print(*args, **kwargs)
+    return _prefect_print_as_log(*args, **kwargs)
+
+
+_prefect_print_as_log = _prefect_loggers.print_as_log
+_prefect_loggers.print_as_log = _print_unless_captured  # `patch_print` installs the module's attribute
 
 
 # -- caching and retries ---------------------------------------------------------------------------

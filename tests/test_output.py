@@ -36,3 +36,27 @@ def test_piped_help_and_usage_errors_keep_a_readers_width() -> None:
         assert proc.returncode == code, proc.stderr[-2000:]
         lines = (proc.stdout + proc.stderr).splitlines()
         assert len(lines) > 3 and max(len(line) for line in lines) <= 100, max(lines, key=len)
+
+
+def test_library_advice_a_user_cannot_act_on_is_not_printed() -> None:
+    """An adapter put on a model and a CLIP image processor made, as the finetune and CLIP stages do in the
+    driver: transformers' deprecation of a property peft reads, and its advice to install torchvision."""
+    script = """
+import pipelines
+from peft import LoraConfig, get_peft_model
+from transformers import CLIPImageProcessor, LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2))
+get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+CLIPImageProcessor()
+print("made both")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "made both"
+    assert "is_gradient_checkpointing" not in proc.stderr
+    assert "torchvision" not in proc.stderr
+    # without the package's filters both messages come: the check above can fail
+    bare = subprocess.run([sys.executable, "-c", script.replace("import pipelines\n", "")], capture_output=True,
+                          text=True, timeout=300)
+    assert "is_gradient_checkpointing" in bare.stderr and "torchvision" in bare.stderr

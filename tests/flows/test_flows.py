@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -176,3 +176,39 @@ def test_the_command_names_every_flow() -> None:
     from pipelines.flows import FLOWS
 
     assert sorted(FLOW_NAMES) == sorted(FLOWS)
+
+
+def test_a_print_a_library_captures_stays_out_of_the_run_log(prefect_api: None) -> None:
+    """dill finds a function's globals by capturing `dis.dis` (datasets' fingerprinting does this in the eval
+    stage): under `log_prints` the bytecode went to the run's log and dill found no globals."""
+    import contextlib
+    import io
+    import logging
+
+    import dill.detect
+    from prefect import flow
+
+    def uses_a_global() -> Any:
+        return json.dumps
+
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+
+    @flow(log_prints=True)
+    def run() -> tuple[list[str], str]:
+        logging.getLogger("prefect").addHandler(handler)
+        try:
+            found = sorted(dill.detect.nestedglobals(uses_a_global))
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                print("captured line")
+            print("a line for the log")
+        finally:
+            logging.getLogger("prefect").removeHandler(handler)
+        return found, out.getvalue()
+
+    found, captured = run()
+    assert found == ["json"]
+    assert captured == "captured line\n"
+    assert "a line for the log" in logged  # log_prints still works
+    assert not any("LOAD_GLOBAL" in line or "captured line" in line for line in logged)
