@@ -13,7 +13,10 @@ What it does:
      - ours-transformers: `pipelines serve --engine transformers --max-batch-size 64` (static batches);
      - bare-vllm:         vLLM's own OpenAI server (`.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server`)
                           on the same folder, with the engine settings ours-vllm gives its child (float32, 1 GiB
-                          of KV cache, max_model_len = the model's context, prefix caching).
+                          of KV cache, max_model_len = the model's context, prefix caching);
+     - bare-vllm-uni:     the same, with `VLLM_ENABLE_V1_MULTIPROCESSING=0`, which ours-vllm's worker sets: on
+                          CPU the model then runs in vLLM's engine-core process instead of a third process (not
+                          in the default list; `--servers ours-vllm,ours-transformers,bare-vllm,bare-vllm-uni`).
   3. RUNS rounds; in each, for every number of clients, every server in turn (the order rotating each round):
      after SETTLE_S idle seconds, CLIENTS concurrent clients, each sending REQUESTS_PER_CLIENT streaming
      completions one after the other (at least REQUESTS (256) in all: 256 one after the other for 1 client)
@@ -47,8 +50,12 @@ SERVERS = ["ours-vllm", "ours-transformers", "bare-vllm"]
 PROMPT = "the quick brown"
 
 
+# what a server's process gets on top of the environment
+SERVER_ENV = {"bare-vllm-uni": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+
+
 def server_command(name: str, port: int, workdir: Path) -> list[str]:
-    if name == "bare-vllm":
+    if name.startswith("bare-vllm"):
         from pipelines.serve.vllm_engine import vllm_python
 
         python = vllm_python()
@@ -166,7 +173,7 @@ def main() -> None:
         for i, name in enumerate(args.servers):
             port = args.port + 10 * i
             log = open(workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115
-            proc = subprocess.Popen(server_command(name, port, workdir), cwd=REPO, env={**os.environ, **env},
+            proc = subprocess.Popen(server_command(name, port, workdir), cwd=REPO, env={**os.environ, **env, **SERVER_ENV.get(name, {})},
                                     stdout=log, stderr=subprocess.STDOUT)
             servers[name] = (proc, f"http://127.0.0.1:{port}", log)
             wait_up(f"http://127.0.0.1:{port}/health" + ("z" if name.startswith("ours") else ""), proc, 600)

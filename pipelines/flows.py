@@ -792,12 +792,29 @@ def _curate_config(path: str, input: str, output: str) -> CurateConfig:
     return load_config(CurateConfig, config_path(path), {("input",): input, ("output",): output, ("quiet",): True})
 
 
+def _deploy_serve_config(config: EndToEndConfig) -> ServeConfig:
+    return ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port,
+                       vllm_compile=config.deploy.vllm_compile)
+
+
+def start_ray(config: EndToEndConfig) -> None:
+    """Ray for `end_to_end(config)`: a local Ray started with the settings its deploy stage's Serve needs (Ray's
+    processes read them when they start). A caller may start it before the flow (the demo does, while Prefect's
+    temporary API server starts); the flow then finds it up."""
+    import ray
+
+    from pipelines.serve.app import ray_serve_env
+
+    if config.until == "deploy" and not ray.is_initialized() and not settings().ray_address:
+        for k, v in ray_serve_env(_deploy_serve_config(config)).items():
+            os.environ.setdefault(k, v)
+    init_ray()
+
+
 @flow(name="end-to-end", log_prints=True)
 @_flow_logs
 def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
     """The whole chain on one config; stages whose inputs did not change come from the cache."""
-    from pipelines.serve.app import ray_serve_env
-
     log = get_run_logger()
     workdir = config.workdir or str(settings().home / "flows")
     if not config.images.input and not config.text.input:
@@ -806,16 +823,8 @@ def end_to_end(config: EndToEndConfig) -> dict[str, Any]:
         raise PipelineError("end-to-end: training needs text.input and text.curate")
     if config.until != "curate" and (config.clip or config.diffusion) and not config.images.input:
         raise PipelineError("end-to-end: the CLIP and image models train on images: give images.input")
-    serve = None
-    if config.until == "deploy":
-        serve = ServeConfig(model="models:/unknown@champion", host=config.deploy.host, port=config.deploy.port,
-                            vllm_compile=config.deploy.vllm_compile)
-        import ray
-
-        if not ray.is_initialized() and not settings().ray_address:  # Serve's settings, before Ray starts
-            for k, v in ray_serve_env(serve).items():
-                os.environ.setdefault(k, v)
-    init_ray()
+    serve = _deploy_serve_config(config) if config.until == "deploy" else None
+    start_ray(config)
     outcomes: dict[str, dict[str, Any]] = {}
 
     # crawl both branches at once, then curate both at once

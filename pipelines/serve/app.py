@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -54,7 +55,7 @@ from pipelines.serve.config import API_KEYS_ENV, ServeConfig
 from pipelines.serve.engine import AdapterError, ClipEngine, Generation, RequestRefused, TextEngine
 from pipelines.serve.images import ImageEngine, Picture
 from pipelines.serve.openai_api import AccessControl, APIError, build_api
-from pipelines.serve.vllm_engine import VllmEngine, vllm_available, vllm_can_serve
+from pipelines.serve.vllm_engine import VllmEngine, VllmStart, vllm_available, vllm_can_serve
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,13 @@ class OpenAIServer:
         self.config = ServeConfig.model_validate(config)
         self.access = AccessControl(self.config.access.resolve_keys(), self.config.access.rate_limit)
         self.served: dict[str, ServedModel] = {}  # registered name -> model, `model` first
-        for uri in self.config.models:  # one after the other: a replica holds them all
-            name, version = resolve_version(uri)
-            self.served[name] = ServedModel(uri, name, self._load(name, version))
+        # A replica holds them all. They load side by side: vLLM's engine starts in processes of its own (10 s and
+        # more) while the others load here.
+        resolved = [(uri, *resolve_version(uri)) for uri in self.config.models]
+        with ThreadPoolExecutor(max_workers=len(resolved), thread_name_prefix="load") as pool:
+            engines = list(pool.map(lambda r: self._load(r[1], r[2]), resolved))
+        for (uri, name, _), engine in zip(resolved, engines):
+            self.served[name] = ServedModel(uri, name, engine)
         self._adapter_problems: dict[str, str] = {}  # adapter URI -> why it is not (or not quite) served
         self._resolve_adapters()
         self._generate_batch.set_max_batch_size(self.config.batching.max_batch_size)
@@ -283,8 +288,15 @@ class OpenAIServer:
             clip.embed(["warm up"], [Image.new("RGB", (8, 8))])
             log.info("loaded %s (CLIP) in %.1f s", clip.label, time.monotonic() - started)
             return clip
-        model, tokenizer = load_registered(f"models:/{name}/{version}")
-        engine = self._vllm_engine(model, tokenizer, name, version)
+        # vLLM's worker imports vLLM while the model loads here (the model and its length come after)
+        start = self._vllm_start()
+        engine = None
+        try:
+            model, tokenizer = load_registered(f"models:/{name}/{version}")
+            engine = self._vllm_engine(model, tokenizer, name, version, start)
+        finally:
+            if start is not None and engine is None:
+                start.close()  # not for vLLM after all
         if engine is None:
             engine = TextEngine(model, tokenizer, name, version)
         engine.generate([Generation(engine.encode("warm up") or [engine.eos], 1, temperature=0.0)])
@@ -292,20 +304,32 @@ class OpenAIServer:
                  "transformers", time.monotonic() - started)
         return engine
 
-    def _vllm_engine(self, model: Any, tokenizer: Any, name: str, version: int) -> VllmEngine | None:
-        """The vLLM engine of this model, or None where the transformers engine serves it (`engine`: auto where
-        vLLM is not installed, cannot take the model or fails to start; transformers)."""
+    def _vllm_start(self) -> VllmStart | None:
+        """vLLM's worker, started ahead of its model; None where vLLM is not to be tried."""
+        if self.config.engine == "transformers" or not vllm_available():
+            return None
+        try:
+            return VllmStart(kv_cache_gib=self.config.vllm_kv_cache_gib,
+                             schema_compile_s=self.config.limits.max_schema_compile_s,
+                             compile=self.config.vllm_compile,
+                             max_loras=self.config.max_loaded_adapters if self.config.adapter else 0)
+        except (OSError, PipelineError) as e:
+            log.warning("vLLM's worker did not start: %s", e)
+            return None
+
+    def _vllm_engine(self, model: Any, tokenizer: Any, name: str, version: int,
+                     start: VllmStart | None) -> VllmEngine | None:
+        """The vLLM engine of this model on `start`'s worker, or None where the transformers engine serves it
+        (`engine`: auto where vLLM is not installed, cannot take the model or fails to start; transformers)."""
         choice = self.config.engine
         if choice == "transformers":
             return None
-        why = None if vllm_available() else "vLLM's environment (.venv-vllm) is not installed"
+        why = None if start is not None else ("vLLM's worker did not start" if vllm_available() else
+                                              "vLLM's environment (.venv-vllm) is not installed")
         why = why or vllm_can_serve(model)
         if why is None:
             try:
-                return VllmEngine(model, tokenizer, name, version, kv_cache_gib=self.config.vllm_kv_cache_gib,
-                                  schema_compile_s=self.config.limits.max_schema_compile_s,
-                                  compile=self.config.vllm_compile,
-                                  max_loras=self.config.max_loaded_adapters if self.config.adapter else 0)
+                return VllmEngine(model, tokenizer, name, version, start=start)
             except PipelineError as e:
                 why = str(e)
         if choice == "vllm":

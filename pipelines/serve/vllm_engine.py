@@ -81,42 +81,67 @@ def vllm_can_serve(model: PreTrainedModel) -> str | None:
     return None
 
 
+class VllmStart:
+    """vLLM's worker process, started before its model is known: it imports vLLM and torch (about 5 s) while the
+    replica loads the model from the registry; `VllmEngine` then hands it the model. `close()`, or dropping it,
+    stops the worker (a model that vLLM cannot serve after all)."""
+
+    def __init__(self, *, python: str | None = None, max_loras: int = 0, max_lora_rank: int = 64,
+                 kv_cache_gib: float = 1.0, schema_compile_s: float = 5.0, compile: bool = True):
+        python = python or vllm_python()
+        if python is None:
+            raise PipelineError(f"the vLLM environment is not installed (make venv-vllm, or set {VLLM_PYTHON_ENV})")
+        self.max_loras = max_loras
+        self.dir = Path(tempfile.mkdtemp(prefix="pipelines-vllm-"))
+        self.socket = str(self.dir / "engine.sock")
+        args = [python, str(WORKER), "--model", "-", "--socket", self.socket, "--max-loras", str(max_loras),
+                "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
+                "--schema-compile-s", str(schema_compile_s), *([] if compile else ["--eager"])]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.log = open(self.dir / "worker.log", "wb")  # noqa: SIM115 (kept open for the child)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     env=env, start_new_session=True)
+        # The worker leads its own process group (vLLM's engine processes are in it): when the worker exits, for
+        # whatever reason, what is left of the group goes too. The worker kills the group if this process dies.
+        # One thread waits for the worker (`_reap_group`); closing only closes its stdin and waits for that.
+        self.exited = threading.Event()
+        self.finalizer = weakref.finalize(self, _stop, self.proc, self.exited, self.log, self.dir)
+        threading.Thread(target=_reap_group, args=(self.proc, self.exited), name="vllm-reap", daemon=True).start()
+
+    def close(self) -> None:
+        self.finalizer()
+
+
 class VllmEngine(TextEngine):
     """`TextEngine` (tokenizer, chat template, embeddings) that generates on vLLM in a child process."""
 
     guided_decoding = True
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, version: int, *,
-                 python: str | None = None, max_loras: int = 0, max_lora_rank: int = 64, kv_cache_gib: float = 1.0,
-                 cpus: float | None = None, schema_compile_s: float = 5.0, compile: bool = True):
+                 start: VllmStart | None = None, python: str | None = None, max_loras: int = 0,
+                 max_lora_rank: int = 64, kv_cache_gib: float = 1.0, schema_compile_s: float = 5.0,
+                 compile: bool = True):
+        """`start`: a worker started beforehand (its settings win over the keyword arguments), else one starts."""
         super().__init__(model, tokenizer, name, version)
-        self._max_loras = max_loras
-        python = python or vllm_python()
-        if python is None:
-            raise PipelineError(f"the vLLM environment is not installed (make venv-vllm, or set {VLLM_PYTHON_ENV})")
-        self._dir = Path(tempfile.mkdtemp(prefix="pipelines-vllm-"))
+        start = start or VllmStart(python=python, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                                   kv_cache_gib=kv_cache_gib, schema_compile_s=schema_compile_s, compile=compile)
+        self._start = start  # holds the worker: it stops when the engine is closed or dropped
+        self._max_loras = start.max_loras
+        self._dir, self._socket, self._proc, self._exited = start.dir, start.socket, start.proc, start.exited
         folder = self._dir / "model"
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        self._socket = str(self._dir / "engine.sock")
-        args = [python, str(WORKER), "--model", str(folder), "--socket", self._socket,
-                "--max-model-len", str(self.context_length), "--max-loras", str(max_loras),
-                "--max-lora-rank", str(max_lora_rank), "--kv-cache-gib", str(kv_cache_gib),
-                "--schema-compile-s", str(schema_compile_s), *([] if compile else ["--eager"])]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self._log = open(self._dir / "worker.log", "wb")  # noqa: SIM115 (kept open for the child)
-        started = time.monotonic()
-        self._proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-                                      env=env, start_new_session=True)
-        # The worker leads its own process group (vLLM's engine processes are in it): when the worker exits, for
-        # whatever reason, what is left of the group goes too. The worker kills the group if this process dies.
-        # One thread waits for the worker (`_reap_group`); closing only closes its stdin and waits for that.
-        self._exited = threading.Event()
-        self._finalizer = weakref.finalize(self, _stop, self._proc, self._exited, self._log, self._dir)
-        threading.Thread(target=_reap_group, args=(self._proc, self._exited), name="vllm-reap", daemon=True).start()
-        self._wait_ready(started)
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps({"model": str(folder), "max_model_len": self.context_length}).encode()
+                                   + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # it exited: `_wait_ready` says why
+        self._wait_ready(start.started)
         self._ids = itertools.count()
         self._lora_ids = itertools.count(1)
         self._loras: dict[str, tuple[int, str]] = {}  # adapter name -> (vLLM's id, folder)
@@ -125,7 +150,7 @@ class VllmEngine(TextEngine):
         self._conn_lock = threading.Lock()
         self._active = 0  # agenerate calls in flight
         self._retired = False  # no longer served: stop the worker when the last call is done
-        log.info("%s: vLLM engine up in %.1f s", self.label, time.monotonic() - started)
+        log.info("%s: vLLM engine up in %.1f s", self.label, time.monotonic() - start.started)
 
     def _wait_ready(self, started: float) -> None:
         assert self._proc.stdout is not None
@@ -150,7 +175,7 @@ class VllmEngine(TextEngine):
             return ""
 
     def close(self) -> None:
-        self._finalizer()
+        self._start.close()
 
     def alive(self) -> bool:
         """Whether vLLM's worker is still running (False once closed, or if it died)."""

@@ -1,5 +1,8 @@
 """vLLM's engine in a child process of a replica: `python vllm_worker.py --model DIR --socket PATH`.
 
+With `--model -` it imports vLLM first and then reads the model's folder and length from a line on stdin: the
+replica starts it while it loads the model.
+
 Run by the interpreter of the separate vLLM environment (`.venv-vllm`, from `requirements-vllm.lock`): this file
 imports only the standard library and vLLM, never `pipelines` (whose environment has other versions of
 transformers and fastapi). `pipelines.serve.vllm_engine` starts it and speaks to it over a Unix socket, one JSON
@@ -230,6 +233,12 @@ async def serve(args: argparse.Namespace) -> None:
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    if args.model == "-":  # started before the model was saved: vLLM is imported, now the model
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return  # the replica closed our stdin first (it went, or the model is not for vLLM)
+        given = json.loads(line)
+        args.model, args.max_model_len = given["model"], given["max_model_len"]
     engine_args = AsyncEngineArgs(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
         enable_lora=args.max_loras > 0, max_loras=max(args.max_loras, 1), max_lora_rank=args.max_lora_rank,
@@ -365,7 +374,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     signal.signal(signal.SIGTERM, lambda *_: _kill_group())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True,
+                        help='the model folder; "-": read {"model": DIR, "max_model_len": N} as a line on stdin')
     parser.add_argument("--socket", required=True)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.serve.engine import Generation
-from pipelines.serve.vllm_engine import VllmEngine, vllm_available
+from pipelines.serve.vllm_engine import VllmEngine, VllmStart, vllm_available
 from tests.serve.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,6 +116,28 @@ def test_a_closed_engine_leaves_no_process() -> None:
     assert len(group(worker)) >= 2
     engine.close()
     assert wait_gone(worker) == set()
+
+
+def test_a_worker_started_ahead_of_its_model_serves_it_or_goes_when_closed() -> None:
+    """The replica starts vLLM's worker before it loads the model: given the model later it serves it; closed
+    without one (a model vLLM cannot take) it exits at once."""
+    tokenizer = tiny_tokenizer()
+    waiting = VllmStart(kv_cache_gib=KV_CACHE_GIB, compile=False)
+    time.sleep(1)
+    assert waiting.proc.poll() is None  # importing vLLM, then waiting for a model
+    waiting.close()
+    assert wait_gone(waiting.proc.pid) == set()
+
+    start = VllmStart(kv_cache_gib=KV_CACHE_GIB, compile=False)
+    time.sleep(3)  # as the replica loading the model
+    engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, start=start)
+    try:
+        row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
+        engine.generate([row])
+        assert row.error is None and len(row.token_ids) == 4
+    finally:
+        engine.close()
+    assert wait_gone(start.proc.pid) == set()
 
 
 @pytest.mark.parametrize("killed", ["worker", "engine core"])
