@@ -276,22 +276,41 @@ def run_harness(config: EvalConfig, url: str, key: str | None, target: Target, c
     import aiohttp
     import lm_eval
     import requests
+    from lm_eval.api.registry import get_model
 
     model_args: dict[str, Any] = {
         "base_url": f"{url}/v1/completions", "model": target.served_as, "tokenizer_backend": "remote",
         "num_concurrent": config.num_concurrent, "max_length": context}
     if key:
         model_args |= {"header": {"Authorization": f"Bearer {key}"}, "auth_token": key}
+    lm = None
     try:
         with _progress_bars(not config.quiet):
+            # the client made as `simple_evaluate(model="local-completions", ...)` makes it, kept to be closed
+            lm = get_model("local-completions").create_from_arg_obj(
+                model_args, {"batch_size": config.batch_size, "max_batch_size": None, "device": None})
             harness = lm_eval.simple_evaluate(
-                model="local-completions", model_args=model_args, tasks=tasks.specs, task_manager=tasks.manager,
-                batch_size=config.batch_size, limit=config.limit, num_fewshot=config.num_fewshot, log_samples=True)
+                model=lm, tasks=tasks.specs, task_manager=tasks.manager, batch_size=config.batch_size,
+                limit=config.limit, num_fewshot=config.num_fewshot, log_samples=True)
     except (aiohttp.ClientError, requests.RequestException, TimeoutError) as e:  # after the harness's own retries
         raise InfrastructureError(f"lm-evaluation-harness's requests to {url} failed ({type(e).__name__}: "
                                   f"{_first_line(e)}); nothing was logged") from None
+    finally:
+        _close_remote_tokenizer(lm)
+    harness["config"]["model"] = "local-completions"
     harness["config"]["model_args"] = {k: v for k, v in model_args.items() if k not in ("header", "auth_token")}
     return harness
+
+
+def _close_remote_tokenizer(lm: Any) -> None:
+    """Close the keep-alive connection of the harness's remote tokenizer (a `requests.Session` it never closes).
+
+    Left open, the endpoint closes it when it stops, and the side that closes first keeps the port in TIME_WAIT
+    for a minute: Serve's direct ingress binds without SO_REUSEADDR, so the next `make demo` within that minute
+    could not serve on port 8000. Closed here, the wait is on this side's own ephemeral port."""
+    session = getattr(getattr(lm, "tokenizer", None), "session", None)
+    if session is not None:
+        session.close()
 
 
 def scores_of(harness: dict[str, Any]) -> dict[str, float]:

@@ -8,12 +8,14 @@ loopback. The harness's per-item log-likelihoods are checked against the same we
 from __future__ import annotations
 
 import functools
+import gc
 import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -197,11 +199,19 @@ def test_local_completions_scores_are_the_models_log_likelihoods(endpoint: str, 
     log-likelihoods equal (within 1e-4) those of the same weights run here; nothing but loopback is asked."""
     watch = network_watch()
     watch.active = True
+    gc.disable()  # the harness's client sits in reference cycles: what a collection would close must be closed
     try:
         result = evaluate(EvalConfig(model="models:/lm/2", endpoint=endpoint, tasks=["demo-cloze"], limit=20,
                                      num_concurrent=4, quiet=True))
+        port = int(endpoint.rsplit(":", 1)[1].split("/")[0])
+        left = [c for c in psutil.Process().net_connections("tcp")
+                if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
     finally:
+        gc.enable()
         watch.active = False
+    # no connection of the harness is left open to the endpoint: when the endpoint stops first, its side keeps
+    # the port in TIME_WAIT, which Serve's direct ingress cannot bind for a minute
+    assert left == [], left
 
     assert "127.0.0.1" in watch.seen and watch.remote() == set(), watch.seen  # it watched, and saw loopback
     # where the vLLM environment is installed (make venv), vLLM's engine computed these log-likelihoods
@@ -211,6 +221,7 @@ def test_local_completions_scores_are_the_models_log_likelihoods(endpoint: str, 
     model = AutoModelForCausalLM.from_pretrained(models["lm/2"]).eval()
     assert_harness_scored_the_weights(result, model, AutoTokenizer.from_pretrained(models["lm/2"]))
     assert result.harness["config"]["model_args"]["max_length"] == CONTEXT  # the endpoint's max_model_len
+    assert result.harness["config"]["model"] == "local-completions"
 
 
 def test_scores_go_to_the_versions_run_and_the_gate_moves_the_alias_only_when_the_metric_passes(
