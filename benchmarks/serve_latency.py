@@ -139,10 +139,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # -- the model modes -----------------------------------------------------------------------------
-def register_tiny_model(workdir: Path) -> dict[str, str]:
-    """Register the tiny model as models:/lm@champion in a fresh MLflow under workdir; return the env."""
+def register_tiny_model(workdir: Path, preset: str = "tests") -> dict[str, str]:
+    """Register the tests' tiny model (or, with `preset`, a Llama of that `pipelines pretrain` preset shape, random
+    weights, on the same tokenizer and context) as models:/lm@champion in a fresh MLflow under workdir; return the
+    env."""
     sys.path.insert(0, str(REPO))
-    from tests.serve.tiny import tiny_model, tiny_tokenizer
+    from tests.serve.tiny import CONTEXT, tiny_model, tiny_tokenizer
 
     shutil.rmtree(workdir / "home", ignore_errors=True)
     (workdir / "mlflow.db").unlink(missing_ok=True)
@@ -154,7 +156,18 @@ def register_tiny_model(workdir: Path) -> dict[str, str]:
 
     tokenizer = tiny_tokenizer()
     folder = workdir / "model"
-    tiny_model(tokenizer, seed=0).save_pretrained(folder)
+    if preset == "tests":
+        tiny_model(tokenizer, seed=0).save_pretrained(folder)
+    else:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        from pipelines.train.config import ModelConfig
+        from pipelines.train.model import model_config
+
+        torch.manual_seed(0)
+        LlamaForCausalLM(model_config(ModelConfig(preset=preset), len(tokenizer), CONTEXT, tokenizer.bos_token_id,
+                                      tokenizer.eos_token_id)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with training_run("serve-bench", None, {}) as run_id:
         pass

@@ -3,10 +3,13 @@
     .venv/bin/python benchmarks/serve_vllm.py [--runs 3] [--clients 1,8,64] [--max-tokens 32] [--requests-per-client 4]
                                               [--requests 256] [--settle-s 2]
                                               [--port 8800] [--workdir .bench/serve-vllm] [--servers ours-vllm,...]
+                                              [--preset tests|small|125m]
 
 What it does:
   1. Registers the tiny model of the tests (2-layer Llama, hidden 32 in one head, byte-level BPE trained here) as
-     models:/lm@champion in a fresh MLflow (SQLite) under WORKDIR, and saves its folder for bare vLLM.
+     models:/lm@champion in a fresh MLflow (SQLite) under WORKDIR, and saves its folder for bare vLLM; with
+     `--preset small` (or 125m, ...) a Llama of that `pipelines pretrain` preset's shape, random weights, the same
+     tokenizer and 64-token context.
   2. Starts the three servers at once, each on its own port:
      - ours-vllm:         `pipelines serve --engine vllm` (one replica, direct ingress; vLLM's engine in a child
                           process of the replica, from .venv-vllm);
@@ -129,7 +132,7 @@ async def load(url: str, clients: int, per_client: int, max_tokens: int) -> dict
 
 
 def report(results: dict[str, dict[str, list[dict]]], args: argparse.Namespace, loads: list[str]) -> str:
-    lines = [f"{args.runs} rounds, {args.max_tokens} output tokens per request, max({args.requests_per_client}, "
+    lines = [f"model {args.preset}, {args.runs} rounds, {args.max_tokens} output tokens per request, max({args.requests_per_client}, "
              f"{args.requests} / clients) requests per client, {args.settle_s:g} s idle before each load; medians over the rounds. Load average: {' -> '.join(loads)}", "",
              "| clients | server | output tok/s | x bare vLLM | TTFT p50 / p99 ms | per-token p50 / p99 ms | errors |",
              "|---|---|---|---|---|---|---|"]
@@ -160,12 +163,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8800)
     parser.add_argument("--workdir", default=str(REPO / ".bench" / "serve-vllm"))
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--preset", default="tests", help="the model: the tests' tiny one (2 layers, hidden 32), "
+                        "or a `pipelines pretrain` preset shape with random weights (small: 6 layers, hidden 384)")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.servers = args.servers.split(",")
     workdir = Path(args.workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    env = register_tiny_model(workdir)
+    env = register_tiny_model(workdir, args.preset)
     env.pop("OMP_NUM_THREADS")  # vLLM sizes its own threads; the replica's torch follows replica_cpus
     servers: dict[str, tuple[subprocess.Popen, str, Any]] = {}
     loads = [os.getloadavg()[0].__format__(".2f")]
