@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8800)
     parser.add_argument("--workdir", default=str(REPO / ".bench" / "serve-vllm"))
     parser.add_argument("--servers", default=",".join(SERVERS))
-    parser.add_argument("--preset", default="tests", help="the model: the tests' tiny one (2 layers, hidden 32), "
+    parser.add_argument("--preset", default="tests", choices=["tests", "tiny", "small", "125m", "350m", "1b"], help="the model: the tests' tiny one (2 layers, hidden 32), "
                         "or a `pipelines pretrain` preset shape with random weights (small: 6 layers, hidden 384)")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]

@@ -34,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -394,6 +395,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
         asyncio.run(serve(args))
+    except Exception:
+        # into worker.log, which the replica shows when the engine does not start: the group kill below ends this
+        # process before Python would print it
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         # However we leave (stdin closed, an error, the replica gone while vLLM was still starting), vLLM's engine
         # processes leave with us: its own shutdown does not always take them (orphans were seen).

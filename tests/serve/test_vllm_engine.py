@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.serve.engine import Generation
-from pipelines.serve.vllm_engine import VllmEngine, VllmStart, vllm_available
+from pipelines.serve.vllm_engine import WORKER, VllmEngine, VllmStart, vllm_available, vllm_python
 from tests.serve.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.timeout(600)
@@ -138,6 +138,18 @@ def test_a_worker_started_ahead_of_its_model_serves_it_or_goes_when_closed() -> 
     finally:
         engine.close()
     assert wait_gone(start.proc.pid) == set()
+
+
+@pytest.mark.parametrize("given", ["not json", '{"model": "/nowhere/model", "max_model_len": 64}'])
+def test_a_worker_that_fails_says_why_in_its_log(given: str, tmp_path: Path) -> None:
+    """The worker kills its process group on the way out; what failed is written first (the replica shows the
+    log's tail when the engine does not start)."""
+    proc = subprocess.run([vllm_python(), str(WORKER), "--model", "-", "--socket", str(tmp_path / "s.sock")],
+                          input=given + "\n", capture_output=True, text=True, timeout=300,
+                          start_new_session=True)  # as the replica starts it: the group it kills is its own
+    assert proc.returncode != 0 and "ready" not in proc.stdout
+    assert "Traceback" in proc.stderr
+    assert ("JSONDecodeError" if given == "not json" else "/nowhere/model") in proc.stderr
 
 
 @pytest.mark.parametrize("killed", ["worker", "engine core"])
