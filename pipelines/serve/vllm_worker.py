@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
 import multiprocessing
 import os
+import queue
 import re
 import signal
 import sys
@@ -224,23 +226,144 @@ async def writer_drain_all(writers: set[asyncio.StreamWriter]) -> None:
             pass
 
 
+class Stepper:
+    """vLLM's `LLMEngine` in this process, stepped by a thread of its own; requests come from the event loop and
+    each step's outputs go back to it in one call.
+
+    Why not vLLM's `AsyncLLM`: it always runs the engine core (scheduler and model) in a process of its own, behind
+    ZeroMQ, with one more process to start (it imports vLLM and torch: 4-5 s) and one more hop per step. On this
+    machine's tiny model, 1 client, 32 tokens a request, its loop gave 988 output tokens/s against 1300-1360 for
+    this one, and 5957 against 8386 at 8 clients (benchmarks/README.md). The replica is already a process apart
+    from HTTP, so the engine core's process bought nothing here."""
+
+    _STOP = object()
+
+    def __init__(self, make_engine: Any, loop: asyncio.AbstractEventLoop):
+        self.engine: Any = None
+        self.loop = loop
+        self.ready: concurrent.futures.Future = concurrent.futures.Future()  # the engine built (or why not)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.requests: dict[str, tuple[Any, asyncio.Future]] = {}  # the loop's side: id -> (on_output, done)
+        self.failure: BaseException | None = None  # what killed the engine: nothing more can be served
+        # The engine is built on the thread that steps it: vLLM binds the OpenMP threads of the thread that loads
+        # the model, and torch runs the model's ops on those of the thread that calls it.
+        self.thread = threading.Thread(target=self._run, args=(make_engine,), name="vllm-engine", daemon=True)
+        self.thread.start()
+
+    # on the event loop
+
+    def submit(self, rid: str, prompt: Any, params: Any, lora: Any, on_output: Any) -> asyncio.Future:
+        """Queue a request; `on_output(RequestOutput)` is called on the loop for each of its outputs, and the
+        future returned ends with it (or with the error vLLM raised while taking it)."""
+        done = self.loop.create_future()
+        if self.failure is not None:
+            done.set_exception(self.failure)
+            return done
+        self.requests[rid] = (on_output, done)
+        self.inbox.put(("add", rid, prompt, params, lora))
+        return done
+
+    def abort(self, rid: str) -> None:
+        if self.requests.pop(rid, None) is not None:
+            self.inbox.put(("abort", rid))
+
+    async def call(self, method: str, *args: Any) -> Any:
+        """Run `engine.method(*args)` between two steps; its result."""
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        self.inbox.put(("call", result, method, args))
+        return await asyncio.wrap_future(result)
+
+    def stop(self) -> None:
+        self.inbox.put(self._STOP)
+        self.thread.join(10)
+
+    def _deliver(self, outputs: list[Any]) -> None:
+        for out in outputs:
+            entry = self.requests.get(out.request_id)
+            if entry is None:
+                continue  # aborted meanwhile
+            on_output, done = entry
+            on_output(out)
+            if out.finished:
+                del self.requests[out.request_id]
+                if not done.done():
+                    done.set_result(None)
+
+    def _refuse(self, rid: str, error: BaseException) -> None:
+        entry = self.requests.pop(rid, None)
+        if entry is not None and not entry[1].done():
+            entry[1].set_exception(error)
+
+    def _fail(self, error: BaseException) -> None:
+        self.failure = error
+        for rid in list(self.requests):
+            self._refuse(rid, error)
+
+    # on the engine's thread
+
+    def _run(self, make_engine: Any) -> None:
+        try:
+            engine = self.engine = make_engine()
+        except BaseException as e:
+            self.ready.set_exception(e)
+            return
+        self.ready.set_result(None)
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                while True:  # what came since the last step, waiting for something when idle
+                    try:
+                        command = self.inbox.get(block=not busy)
+                    except queue.Empty:
+                        break
+                    if command is self._STOP:
+                        return
+                    self._apply(command)
+                    busy = busy or engine.has_unfinished_requests()
+                if busy:
+                    outputs = engine.step()
+                    if outputs:
+                        self.loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as e:  # the engine itself failed (the model, the scheduler)
+            traceback.print_exc()
+            self.loop.call_soon_threadsafe(self._fail, e)
+
+    def _apply(self, command: tuple) -> None:
+        op = command[0]
+        if op == "add":
+            _, rid, prompt, params, lora = command
+            try:
+                self.engine.add_request(rid, prompt, params, lora_request=lora)
+            except Exception as e:  # vLLM's checks of the request: this request's error, not the engine's
+                self.loop.call_soon_threadsafe(self._refuse, rid, e)
+        elif op == "abort":
+            self.engine.abort_request([command[1]])
+        elif op == "call":
+            _, result, method, args = command
+            try:
+                result.set_result(getattr(self.engine, method)(*args))
+            except Exception as e:
+                result.set_exception(e)
+
+
 async def serve(args: argparse.Namespace) -> None:
     from vllm import SamplingParams
     from vllm.config import StructuredOutputsConfig
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.exceptions import VLLMClientError
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
 
+    loop = asyncio.get_running_loop()
     if args.model == "-":  # started before the model was saved: vLLM is imported, now the model
-        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line:
             return  # the replica closed our stdin first (it went, or the model is not for vLLM)
         given = json.loads(line)
         args.model, args.max_model_len = given["model"], given["max_model_len"]
-    engine_args = AsyncEngineArgs(
+    engine_args = EngineArgs(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
         enable_lora=args.max_loras > 0, max_loras=max(args.max_loras, 1), max_lora_rank=args.max_lora_rank,
         max_logprobs=args.max_logprobs, enable_prefix_caching=True, disable_log_stats=True,
@@ -248,7 +371,9 @@ async def serve(args: argparse.Namespace) -> None:
         enforce_eager=args.eager,
         # guided JSON without free whitespace between tokens (compact, as OpenAI's): the engine's setting
         structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True))
-    engine = AsyncLLM.from_engine_args(engine_args)
+    # in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set in main)
+    stepper = Stepper(lambda: LLMEngine.from_engine_args(engine_args), loop)
+    await asyncio.wrap_future(stepper.ready)
     schemas = SchemaCheck(args.model, args.schema_compile_s)
     writers: set[asyncio.StreamWriter] = set()
 
@@ -271,8 +396,9 @@ async def serve(args: argparse.Namespace) -> None:
             if msg.get("lora"):
                 lora = LoRARequest(msg["lora"]["name"], msg["lora"]["id"], msg["lora"]["path"])
             first = True
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=msg["prompt"]), sp, rid,
-                                             lora_request=lora):
+
+            def on_output(out: Any) -> None:
+                nonlocal first
                 c = out.outputs[0]
                 reply: dict[str, Any] = {"id": rid, "t": list(c.token_ids), "f": c.finish_reason}
                 if logprobs is not None and c.logprobs is not None:
@@ -282,6 +408,13 @@ async def serve(args: argparse.Namespace) -> None:
                                     for t, e in zip(msg["prompt"], out.prompt_logprobs)]
                 first = False
                 send(reply)
+
+            done = stepper.submit(rid, TokensPrompt(prompt_token_ids=msg["prompt"]), sp, lora, on_output)
+            try:
+                await done
+            except asyncio.CancelledError:
+                stepper.abort(rid)
+                raise
         except asyncio.CancelledError:
             raise
         except Refused as e:
@@ -291,7 +424,7 @@ async def serve(args: argparse.Namespace) -> None:
                   "param": "response_format" if structured is not None else getattr(e, "parameter", None)})
         except Exception as e:
             send({"id": rid, "e": f"{type(e).__name__}: {e}"})
-            if engine.errored:  # vLLM's engine process died: nothing more can be served; the replica sees us go
+            if stepper.failure is not None:  # the engine failed: nothing more can be served; the replica sees us go
                 await writer_drain_all(writers)
                 _kill_group()
 
@@ -324,9 +457,9 @@ async def serve(args: argparse.Namespace) -> None:
                 elif op == "abort":
                     task = tasks.pop(msg["id"], None)
                     if task is not None:
-                        task.cancel()  # vLLM aborts a request whose generator is closed
+                        task.cancel()  # its `run` aborts it in vLLM
                 elif op == "remove_lora":
-                    await engine.remove_lora(int(msg["id"]))
+                    await stepper.call("remove_lora", int(msg["id"]))
                 await writer.drain()
         finally:
             for task in list(tasks.values()):
@@ -340,12 +473,11 @@ async def serve(args: argparse.Namespace) -> None:
     os.write(args.ready_fd, b"ready\n")
     schemas.warm()
     # The replica closes our stdin when it goes (or dies): then we go too.
-    loop = asyncio.get_running_loop()
     stdin_closed = loop.run_in_executor(None, sys.stdin.read)
     async with server:
         await stdin_closed
     schemas.close()
-    await asyncio.wait_for(asyncio.to_thread(engine.shutdown), 10)
+    await asyncio.to_thread(stepper.stop)
 
 
 def _die_with(parent: int) -> None:
@@ -366,11 +498,9 @@ def main() -> None:
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_site")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
     os.environ["PIPELINES_VLLM_DIE_WITH_PARENT"] = "1"
-    # The model runs in vLLM's engine-core process (its "uni" executor), not in a third process that the engine
-    # core drives through shared memory. On CPU vLLM starts that third process unless multiprocessing is off, and
-    # here the flag turns off only that: AsyncLLM keeps its engine core in a process of its own either way.
-    # Without the third process there is one process fewer to start (5 s less: each imports vLLM and torch) and
-    # the engine core sends each step's outputs as they come; with it, the engine core at times sent all of a
+    # vLLM's engine core (scheduler and model) runs in this process (`Stepper`), not in processes of its own: on
+    # CPU vLLM would start one for the engine core and one more for the model, each importing vLLM and torch (4-5 s
+    # each), and hop between them every step. With the third process, the engine core at times also sent all of a
     # request's outputs at its end, so that its tokens reached the client in one burst (benchmarks/README.md).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     signal.signal(signal.SIGTERM, lambda *_: _kill_group())

@@ -40,6 +40,14 @@ def group(pgid: int) -> set[int]:
     return members
 
 
+def wait_group(pgid: int, size: int, timeout: float = 60.0) -> set[int]:
+    """Process group `pgid` once it has `size` live members (or as it is after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while len(members := group(pgid)) < size and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return members
+
+
 def wait_gone(pgid: int, timeout: float = 20.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while (left := group(pgid)) and time.monotonic() < deadline:
@@ -79,8 +87,8 @@ def children(pid: int) -> list[int]:
 @pytest.mark.parametrize("when", ["serving", "starting", "serving, with its children"])
 def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
     """SIGKILL on the replica (it closes nothing), once vLLM serves or while it is still starting, or on the
-    replica and its children at once (as Ray kills a replica): vLLM's worker and its engine processes go within
-    seconds."""
+    replica and its children at once (as Ray kills a replica): vLLM's worker and the processes it started (the JSON
+    schema checker, once serving) go within seconds."""
     replica = subprocess.Popen([sys.executable, "-c", REPLICA], stdout=subprocess.PIPE, text=True)
     try:
         assert replica.stdout is not None
@@ -90,14 +98,16 @@ def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
                 line = replica.stdout.readline()
                 assert line, "the replica exited before starting vLLM"
             worker = int(line.split()[1])
-        else:  # as soon as the worker has started vLLM's engine core, before it is ready
+        else:  # while the worker imports vLLM
             deadline = time.monotonic() + 300
-            while not (started := children(replica.pid)) or len(group(started[0])) < 2:
+            while not (started := children(replica.pid)):
                 assert time.monotonic() < deadline and replica.poll() is None
                 time.sleep(0.1)
             worker = started[0]
-        members = group(worker)
-        assert worker in members and len(members) >= 2, members  # the worker and vLLM's engine core at least
+            time.sleep(1)
+        # serving: the worker and its schema checker (started once vLLM is ready)
+        members = wait_group(worker, 2 if when.startswith("serving") else 1)
+        assert worker in members and len(members) >= (2 if when.startswith("serving") else 1), members
         replica.send_signal(signal.SIGKILL)
         if when.endswith("children"):
             os.kill(worker, signal.SIGKILL)
@@ -108,12 +118,12 @@ def test_vllm_processes_die_with_a_killed_replica(when: str) -> None:
 
 
 def test_a_closed_engine_leaves_no_process() -> None:
-    """close() (a replica stopping, a replaced version retired): the worker and vLLM's engine processes all exit
+    """close() (a replica stopping, a replaced version retired): the worker and the processes it started all exit
     (vLLM's own shutdown left its engine core behind in an earlier version of this code)."""
     tokenizer = tiny_tokenizer()
     engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB, compile=False)
     worker = engine._proc.pid
-    assert len(group(worker)) >= 2
+    assert len(wait_group(worker, 2)) >= 2  # the worker and its schema checker
     engine.close()
     assert wait_gone(worker) == set()
 
@@ -152,10 +162,9 @@ def test_a_worker_that_fails_says_why_in_its_log(given: str, tmp_path: Path) -> 
     assert ("JSONDecodeError" if given == "not json" else "/nowhere/model") in proc.stderr
 
 
-@pytest.mark.parametrize("killed", ["worker", "engine core"])
-def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> None:
-    """vLLM's worker, or the engine core under it, killed: the next request fails with an error (no hang), what is
-    left of the group exits, and `alive()` (what the replica's health check asks) says so."""
+def test_an_engine_whose_process_died_fails_fast_and_is_reaped() -> None:
+    """vLLM's worker killed: the next request fails with an error (no hang), what is left of the group (the schema
+    checker) exits, and `alive()` (what the replica's health check asks) says so."""
     tokenizer = tiny_tokenizer()
     engine = VllmEngine(tiny_model(tokenizer, 0), tokenizer, "lm", 1, kv_cache_gib=KV_CACHE_GIB, compile=False)
     try:
@@ -163,10 +172,8 @@ def test_an_engine_whose_process_died_fails_fast_and_is_reaped(killed: str) -> N
         row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
         engine.generate([row])
         assert row.error is None and len(row.token_ids) == 4 and engine.alive()
-        core = sorted(group(worker) - {worker})
-        assert core, "no vLLM engine process beside the worker"
-        for pid in [worker] if killed == "worker" else core:
-            os.kill(pid, signal.SIGKILL)
+        assert len(wait_group(worker, 2)) >= 2  # the worker and its schema checker
+        os.kill(worker, signal.SIGKILL)
         started = time.monotonic()
         row = Generation(tokenizer.encode("the quick"), 4, temperature=0.0)
         engine.generate([row])
@@ -217,3 +224,77 @@ def test_the_engine_refusing_for_now_is_a_503_with_retry_after() -> None:
     assert error.type == "server_error" and error.param is None
     refused = _request_error(RequestRefused("bad schema", 400, "response_format")).response()
     assert refused.status_code == 400 and "Retry-After" not in refused.headers
+
+
+class _Engine:
+    """Stands in for vLLM's LLMEngine under the worker's `Stepper` (the part under test here: the thread that steps
+    the engine and hands requests and outputs between it and the event loop). Requests finish in one step, except
+    "slow" (never, until aborted); "boom" makes the step fail as a broken model would; a prompt "bad" is refused
+    when added, as vLLM's checks of a request refuse one."""
+
+    def __init__(self) -> None:
+        self.running: list[str] = []
+        self.aborted: list[str] = []
+
+    def add_request(self, rid: str, prompt: str, params: object, lora_request: object = None) -> None:
+        if prompt == "bad":
+            raise ValueError("the prompt is too long")
+        self.running.append(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list[object]:
+        from types import SimpleNamespace
+
+        if "boom" in self.running:
+            raise RuntimeError("the model failed")
+        time.sleep(0.001)
+        done = [rid for rid in self.running if rid != "slow"]
+        self.running = [rid for rid in self.running if rid == "slow"]
+        return [SimpleNamespace(request_id=rid, finished=True) for rid in done]
+
+    def abort_request(self, ids: list[str]) -> None:
+        self.aborted += ids
+        self.running = [rid for rid in self.running if rid not in ids]
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return lora_id == 1
+
+
+def test_the_engine_thread_fails_one_request_for_its_own_error_and_all_for_the_engines() -> None:
+    import asyncio
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vllm_worker", WORKER)
+    assert spec is not None and spec.loader is not None
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    engine = _Engine()
+
+    async def scenario() -> None:
+        stepper = worker.Stepper(lambda: engine, asyncio.get_running_loop())
+        await asyncio.wrap_future(stepper.ready)
+        seen: list[str] = []
+        await asyncio.gather(*(stepper.submit(r, "p", None, None, lambda out: seen.append(out.request_id))
+                               for r in ("a", "b")))
+        assert sorted(seen) == ["a", "b"]
+        with pytest.raises(ValueError, match="too long"):  # this request's fault: it alone fails
+            await stepper.submit("x", "bad", None, None, seen.append)
+        assert stepper.failure is None and await stepper.call("remove_lora", 1) is True
+        slow = stepper.submit("slow", "p", None, None, seen.append)
+        await asyncio.sleep(0.05)
+        stepper.abort("slow")
+        await stepper.submit("c", "p", None, None, seen.append)  # the engine steps on after an abort
+        assert engine.aborted == ["slow"] and not slow.done()
+        slow.cancel()
+        with pytest.raises(RuntimeError, match="model failed"):  # the engine's: every request fails, then and later
+            await asyncio.gather(stepper.submit("boom", "p", None, None, seen.append),
+                                 stepper.submit("d", "p", None, None, seen.append))
+        assert isinstance(stepper.failure, RuntimeError)
+        with pytest.raises(RuntimeError, match="model failed"):
+            await stepper.submit("e", "p", None, None, seen.append)
+        stepper.stop()
+        assert not stepper.thread.is_alive()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
