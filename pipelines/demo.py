@@ -15,18 +15,25 @@ import atexit
 import email
 import functools
 import html
+import importlib.util
 import io
 import json
 import logging
 import os
 import random
+import socket
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
+
+from pipelines.errors import PipelineError
 
 OUT = Path("demo-out")
 # The printed commands work as typed: the venv's entry point, unless the venv is active.
@@ -134,16 +141,82 @@ def serve(www: Path, port: int) -> ThreadingHTTPServer:
 SAMPLE_PORT = 8765
 
 
-def _start_prefect_api() -> None:
-    """Prefect's temporary API server, where no server is configured: getting a client starts it."""
-    from prefect import get_client
+class _PrefectApi:
+    """Prefect's temporary API server, started as Prefect starts it where no server is configured (its
+    `SubprocessASGIServer`: uvicorn on Prefect's app factory, in a process of its own, the UI off), but first
+    thing, before anything imports Prefect. Prefect's own way imports its whole server package in this process
+    first (about 2 s, and 4 s beside the flow's imports, which it holds the GIL against) and is only then
+    started; here its process starts at once and comes up while the flow's modules load and the local Ray
+    starts. Prefect then finds it in PREFECT_API_URL. Where PREFECT_API_URL is already set, nothing is
+    started."""
 
-    get_client(sync_client=True)
+    def __init__(self) -> None:
+        from pipelines.runtime import prefect_env
+
+        prefect_env()
+        self.proc: subprocess.Popen | None = None
+        if os.environ.get("PREFECT_API_URL"):
+            return
+        self._start()
+        atexit.register(self.stop)  # before Prefect registers its exit functions: after them, it stops
+
+    def _start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.origin is not None
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"})
+        os.environ["PREFECT_API_URL"] = self.url
+        # Prefect prints a flow run's page under this server, which has no UI and stops with the demo; `make ui`
+        # serves the same records there.
+        os.environ.setdefault("PREFECT_UI_URL", "http://127.0.0.1:4200")
+
+    def wait(self) -> None:
+        """Until the server answers; a start that failed (its port taken meanwhile) is tried again, twice."""
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+        tries = 3
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                tries -= 1
+                if not tries:
+                    raise PipelineError(f"Prefect's temporary API server exited with code {self.proc.returncode} "
+                                        "while starting (its output is above)")
+                self._start()
+            if time.monotonic() > deadline:
+                raise PipelineError(f"Prefect's temporary API server did not answer at {self.url} within "
+                                    f"{os.environ['PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS']} s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def main() -> int:
+    # Prefect's temporary API server takes the longest to come up (its own process, about 3 s here): it starts
+    # first, and comes up while the flow's modules are imported, the sample is built and the local Ray starts.
+    api = _PrefectApi()
     from pipelines.config import load_config
-    from pipelines.errors import PipelineError
     from pipelines.flows import CONFIGS, EndToEndConfig, end_to_end, mlflow_ui_url, start_ray, summary_table
     from pipelines.runtime import wide_when_piped
 
@@ -159,13 +232,9 @@ def main() -> int:
     config = load_config(EndToEndConfig, CONFIGS / "flows" / "demo.yaml", {
         ("workdir",): str(OUT.absolute()), ("images", "input"): str(paths["images"]),
         ("text", "input"): str(paths["pages"]), ("finetune", "examples", "data"): str(paths["instructions"])})
-    # Prefect's temporary API server and the local Ray start side by side, each mostly waiting for its own
-    # processes (about 3 s each here): the flow then finds both up.
-    api = threading.Thread(target=_start_prefect_api, name="prefect-api", daemon=True)
-    api.start()
     try:
         start_ray(config)
-        api.join()
+        api.wait()
         outcomes = end_to_end(config)
     except PipelineError as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -208,9 +277,9 @@ def main() -> int:
     console.print(f"browse the Prefect and MLflow records: make ui (Prefect http://127.0.0.1:4200, "
                   f"MLflow {mlflow_ui_url()})")
     console.print("[green]demo finished[/green]")
-    import ray
+    from pipelines.runtime import stop_local_ray
 
-    ray.shutdown()  # now, not from its exit function, which first sleeps 0.5 s for the workers' last log lines
+    stop_local_ray()  # now, not from Ray's exit function, which waits 1.5 s for nothing (see there)
     return 0
 
 

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from rich.table import Table
 
 from pipelines.errors import PipelineError
 from pipelines.ingest.reader import InputReader, Row
-from pipelines.runtime import cluster_cpus, filesystem, init_ray, settings
+from pipelines.runtime import cluster_cpus, filesystem, init_ray, settings, stop_local_ray
 from pipelines.shards import MANIFEST, ShardOutput, absolute, owned, shard_files, url_of, write_manifest
 
 log = logging.getLogger(__name__)
@@ -143,20 +142,6 @@ def start_ray() -> bool:
     init_ray()
     atexit.register(stop_local_ray)  # after Ray's own exit hook, so it runs first
     return local
-
-
-def stop_local_ray() -> None:
-    """Stop the local Ray this process started, at its exit, without the 1.5 s Ray's own exit hook waits: half a
-    second for late worker messages (the crawl has every result by then) and a second for the autoscaler's
-    monitor, which ignores SIGTERM (here it gets SIGKILL at once; it holds no state)."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    for info in node.all_processes.get("monitor", []) if node is not None else []:
-        info.process.kill()
-        try:
-            info.process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            pass  # ray.shutdown tries again
-    ray.shutdown()
 
 
 def check_resumable(output: str, reader: InputReader, shard_size: int, config_digest: str,

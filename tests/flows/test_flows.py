@@ -212,3 +212,46 @@ def test_a_print_a_library_captures_stays_out_of_the_run_log(prefect_api: None) 
     assert captured == "captured line\n"
     assert "a line for the log" in logged  # log_prints still works
     assert not any("LOAD_GLOBAL" in line or "captured line" in line for line in logged)
+
+
+DEMO_API = """
+import os, sys
+from pipelines.demo import _PrefectApi
+
+api = _PrefectApi()
+from prefect import flow  # after: Prefect reads PREFECT_API_URL when imported
+
+@flow
+def answer() -> int:
+    return 42
+
+api.wait()
+print(api.url, api.proc.pid, answer(), flush=True)
+"""
+
+
+def test_the_demos_prefect_api_records_its_flow_runs_and_stops_with_it(tmp_path: Path) -> None:
+    """`make demo` starts Prefect's temporary API server itself, before Prefect is imported: a flow run in that
+    process is recorded in the database under PIPELINES_HOME (what `make ui` serves), and the server's process
+    stops when the process exits."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PIPELINES_"))}
+    env["PIPELINES_HOME"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", DEMO_API], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    url, pid, answer = done.stdout.split()
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api") and answer == "42"
+    assert "Starting temporary server" not in done.stderr  # Prefect used this server, it did not start its own
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(int(pid)) and psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the API server outlived the process that started it"
+        time.sleep(0.1)
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = db.execute("select state_name from flow_run where name is not null").fetchall()
+    assert states == [("Completed",)]
