@@ -626,6 +626,10 @@ def serve_model(config: ServeConfig) -> str | None:
         for port in range(config.port, config.port + config.most_replicas):
             _check_port_free(config.host, port)
     init_ray()
+    if config.blocking:
+        # SIGTERM (kill, a container stopping) stops it as cleanly as Ctrl-C, from here on: Ray's driver handles
+        # SIGTERM by aborting with a native stack dump. A shell starts a background job with SIGINT ignored.
+        signal.signal(signal.SIGTERM, _interrupt)
     # Serve's controller and proxies log every replica added and route updated at INFO: internals, not progress.
     serve.start(http_options={"host": config.host, "port": config.serve_proxy_port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -640,18 +644,16 @@ def serve_model(config: ServeConfig) -> str | None:
     if not config.blocking:
         return url
 
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # SIGTERM (kill, a container stopping) stops it as cleanly as Ctrl-C; a shell starts a background
-    # job with SIGINT ignored.
-    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(APP_NAME)
     return url
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _check_port_free(host: str, port: int) -> None:
