@@ -259,6 +259,9 @@ class Stepper:
         if self.failure is not None:
             done.set_exception(self.failure)
             return done
+        if rid in self.requests:  # its outputs would go to the other request, which would never end
+            done.set_exception(ValueError(f"request id {rid!r} is already running"))
+            return done
         self.requests[rid] = (on_output, done)
         self.inbox.put(("add", rid, prompt, params, lora))
         return done

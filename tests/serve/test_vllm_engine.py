@@ -284,6 +284,9 @@ def test_the_engine_thread_fails_one_request_for_its_own_error_and_all_for_the_e
         assert stepper.failure is None and await stepper.call("remove_lora", 1) is True
         slow = stepper.submit("slow", "p", None, None, seen.append)
         await asyncio.sleep(0.05)
+        with pytest.raises(ValueError, match="already running"):  # an id in use: refused, the first one untouched
+            await stepper.submit("slow", "p", None, None, seen.append)
+        assert not slow.done() and engine.running == ["slow"]
         stepper.abort("slow")
         await stepper.submit("c", "p", None, None, seen.append)  # the engine steps on after an abort
         assert engine.aborted == ["slow"] and not slow.done()
