@@ -139,7 +139,7 @@ def start_ray() -> bool:
     # Ray starts local workers at niceness 15: with any other busy process on the machine the shard tasks would
     # get a sliver of the CPU (the 1.0x-0.7x of img2dataset's speed measured under load before this).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    init_ray()
+    init_ray(lean=True)  # its tasks ask for one CPU: the autoscaler's monitor would have nothing to report
     atexit.register(stop_local_ray)  # after Ray's own exit hook, so it runs first
     return local
 
