@@ -135,8 +135,10 @@ def init_ray(num_cpus: int | None = None, *, lean: bool = False) -> None:
     """Connect to Ray once per process: the cluster at `RAY_ADDRESS`, else a local Ray started in process.
 
     `lean`: a local Ray starts without the autoscaler's monitor and the dashboard's API server
-    (`_lean_local_head`), for a command whose every request fits one node (a crawl's tasks need one CPU). The
-    monitor is what reports a request no node can fulfil, so other commands keep it."""
+    (`_lean_local_head`), and without task events (the record of each task's states that Ray's state API and
+    dashboard show, which a lean Ray has not; sending the last of them held the driver's exit 0.25 s), for a
+    command whose every request fits one node (a crawl's tasks need one CPU). The monitor is what reports a
+    request no node can fulfil, so other commands keep it."""
     import ray
 
     if ray.is_initialized():
@@ -168,6 +170,7 @@ def init_ray(num_cpus: int | None = None, *, lean: bool = False) -> None:
 
 # The head processes a lean local Ray does without (`_lean_local_head`), by the `Node` methods that start them.
 LEAN_SKIPPED = ("start_monitor", "start_api_server")
+TASK_EVENTS = "RAY_task_events_report_interval_ms"  # 0: no task events
 
 
 @contextlib.contextmanager
@@ -192,11 +195,18 @@ def _lean_local_head() -> Iterator[None]:
         return
     for name in LEAN_SKIPPED:
         setattr(Node, name, lambda self, *args, **kwargs: None)
+    # Read by every process this start spawns (the raylet hands its environment on to the workers it starts).
+    events = os.environ.get(TASK_EVENTS)
+    os.environ[TASK_EVENTS] = "0"
     try:
         yield
     finally:
         for name, method in saved.items():
             setattr(Node, name, method)
+        if events is None:
+            os.environ.pop(TASK_EVENTS, None)
+        else:
+            os.environ[TASK_EVENTS] = events
 
 
 def stop_local_ray() -> None:
