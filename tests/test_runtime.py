@@ -73,12 +73,12 @@ def test_ray_status_stays_out_of_the_console_and_the_task_logs(status_log: str |
 
 
 LEAN = """
-import json, sys
+import json, os, sys
 
 import ray
 from ray._private.node import Node
 
-from pipelines.runtime import LEAN_SKIPPED, init_ray
+from pipelines.runtime import LEAN_SKIPPED, TASK_EVENTS, init_ray
 
 before = {name: getattr(Node, name) for name in LEAN_SKIPPED}
 init_ray(num_cpus=1, lean=True)
@@ -90,8 +90,14 @@ def square(x):
     return x * x
 
 
+@ray.remote
+def task_events():
+    return os.environ.get(TASK_EVENTS)
+
+
 report = {"processes": sorted(node.all_processes), "squares": ray.get([square.remote(i) for i in range(4)]),
-          "restored": all(getattr(Node, name) is method for name, method in before.items())}
+          "restored": all(getattr(Node, name) is method for name, method in before.items()),
+          "task_events_in_worker": ray.get(task_events.remote()), "task_events_after": os.environ.get(TASK_EVENTS)}
 ray.shutdown()
 print(json.dumps(report))
 """
@@ -99,6 +105,7 @@ print(json.dumps(report))
 
 def test_a_lean_local_ray_starts_without_the_monitor_and_the_api_server_and_runs_tasks() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_task_events_report_interval_ms"] = "1000"  # the user's own setting, for what comes after
     proc = subprocess.run([sys.executable, "-c", LEAN], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
 
@@ -110,3 +117,5 @@ def test_a_lean_local_ray_starts_without_the_monitor_and_the_api_server_and_runs
     assert "monitor" not in report["processes"] and "dashboard" not in report["processes"], report
     assert report["squares"] == [0, 1, 4, 9]
     assert report["restored"]  # a later `ray.init` in the process (another command's) starts a whole head
+    assert report["task_events_in_worker"] == "0"  # the lean Ray's processes keep no task events...
+    assert report["task_events_after"] == "1000"  # ...and the user's setting is back for anything started later
