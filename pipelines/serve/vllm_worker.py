@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import queue
 import re
+import select
 import signal
 import sys
 import threading
@@ -217,24 +218,44 @@ def _compile_schemas(conn: Any, model: str) -> None:
             conn.send((_native_message(e).splitlines() or [type(e).__name__])[0])
 
 
-async def writer_drain_all(writers: set[asyncio.StreamWriter]) -> None:
-    await asyncio.sleep(0)  # the replies waiting to be flushed are written first
-    for writer in list(writers):
-        try:
-            await asyncio.wait_for(writer.drain(), 1.0)
-        except (OSError, asyncio.TimeoutError):
-            pass
+class SocketOut:
+    """The writing half of a connection to the replica, used by the engine's thread (and, once the engine has
+    failed, by the event loop): blocking writes on a duplicate of the connection's descriptor, whose reading half
+    the event loop keeps. A replica that has gone (a broken pipe) or a connection closed here makes writes no-ops."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = os.dup(fd)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.fd is not None:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:  # the socket is non-blocking (the event loop's): wait until it takes more
+                select.select([], [self.fd], [])
+            except OSError:  # the replica closed its end
+                self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class Stepper:
-    """vLLM's `LLMEngine` in this process, stepped by a thread of its own; requests come from the event loop and
-    each step's outputs go back to it in one call.
+    """vLLM's `LLMEngine` in this process, stepped by a thread of its own. Requests come from the event loop; the
+    thread writes each step's replies itself, one write per connection per step, and wakes the event loop only
+    when requests end.
 
     Why not vLLM's `AsyncLLM`: it always runs the engine core (scheduler and model) in a process of its own, behind
     ZeroMQ, with one more process to start (it imports vLLM and torch: 4-5 s) and one more hop per step. On this
     machine's tiny model, 1 client, 32 tokens a request, its loop gave 988 output tokens/s against 1300-1360 for
     this one, and 5957 against 8386 at 8 clients (benchmarks/README.md). The replica is already a process apart
-    from HTTP, so the engine core's process bought nothing here."""
+    from HTTP, so the engine core's process bought nothing here.
+
+    Why the thread writes the replies: handing each step's outputs to the event loop (`call_soon_threadsafe`) woke
+    the loop every step, and the loop then held the GIL (its wake-up, the replies, the write) while the engine
+    waited to step again: 13% of the engine thread's samples were that hand-over at 1 client (py-spy)."""
 
     _STOP = object()
 
@@ -243,7 +264,8 @@ class Stepper:
         self.loop = loop
         self.ready: concurrent.futures.Future = concurrent.futures.Future()  # the engine built (or why not)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.requests: dict[str, tuple[Any, asyncio.Future]] = {}  # the loop's side: id -> (on_output, done)
+        self.requests: dict[str, asyncio.Future] = {}  # the loop's side: id -> its future
+        self.live: dict[str, tuple[Any, Any]] = {}  # the engine thread's side: id -> (reply, out)
         self.failure: BaseException | None = None  # what killed the engine: nothing more can be served
         # The engine is built on the thread that steps it: vLLM binds the OpenMP threads of the thread that loads
         # the model, and torch runs the model's ops on those of the thread that calls it.
@@ -252,9 +274,10 @@ class Stepper:
 
     # on the event loop
 
-    def submit(self, rid: str, prompt: Any, params: Any, lora: Any, on_output: Any) -> asyncio.Future:
-        """Queue a request; `on_output(RequestOutput)` is called on the loop for each of its outputs, and the
-        future returned ends with it (or with the error vLLM raised while taking it)."""
+    def submit(self, rid: str, prompt: Any, params: Any, lora: Any, reply: Any, out: Any) -> asyncio.Future:
+        """Queue a request. For each of its outputs the engine's thread calls `reply(RequestOutput)` and writes
+        the bytes it returns to `out` (`out.write`); the future returned ends with the request, or with the error
+        vLLM raised while taking it, or with a failing `reply`'s error."""
         done = self.loop.create_future()
         if self.failure is not None:
             done.set_exception(self.failure)
@@ -262,13 +285,27 @@ class Stepper:
         if rid in self.requests:  # its outputs would go to the other request, which would never end
             done.set_exception(ValueError(f"request id {rid!r} is already running"))
             return done
-        self.requests[rid] = (on_output, done)
-        self.inbox.put(("add", rid, prompt, params, lora))
+        self.requests[rid] = done
+        self.inbox.put(("add", rid, prompt, params, lora, reply, out))
         return done
 
     def abort(self, rid: str) -> None:
         if self.requests.pop(rid, None) is not None:
             self.inbox.put(("abort", rid))
+
+    def send(self, out: Any, data: bytes) -> None:
+        """Write `data` to `out` in order with the replies the engine's thread writes there."""
+        if self.failure is not None:  # the thread has stopped: nothing else writes
+            out.write(data)
+        else:
+            self.inbox.put(("send", out, data))
+
+    def close(self, out: Any) -> None:
+        """Close `out` (its connection is gone) once what was sent before is written."""
+        if self.failure is not None:
+            out.close()
+        else:
+            self.inbox.put(("close", out))
 
     async def call(self, method: str, *args: Any) -> Any:
         """Run `engine.method(*args)` between two steps; its result."""
@@ -280,27 +317,18 @@ class Stepper:
         self.inbox.put(self._STOP)
         self.thread.join(10)
 
-    def _deliver(self, outputs: list[Any]) -> None:
-        for out in outputs:
-            entry = self.requests.get(out.request_id)
-            if entry is None:
-                continue  # aborted meanwhile
-            on_output, done = entry
-            on_output(out)
-            if out.finished:
-                del self.requests[out.request_id]
-                if not done.done():
+    def _end(self, ended: list[tuple[str, BaseException | None]]) -> None:
+        for rid, error in ended:
+            done = self.requests.pop(rid, None)
+            if done is not None and not done.done():
+                if error is None:
                     done.set_result(None)
-
-    def _refuse(self, rid: str, error: BaseException) -> None:
-        entry = self.requests.pop(rid, None)
-        if entry is not None and not entry[1].done():
-            entry[1].set_exception(error)
+                else:
+                    done.set_exception(error)
 
     def _fail(self, error: BaseException) -> None:
         self.failure = error
-        for rid in list(self.requests):
-            self._refuse(rid, error)
+        self._end([(rid, error) for rid in list(self.requests)])
 
     # on the engine's thread
 
@@ -324,23 +352,53 @@ class Stepper:
                     self._apply(command)
                     busy = busy or engine.has_unfinished_requests()
                 if busy:
-                    outputs = engine.step()
-                    if outputs:
-                        self.loop.call_soon_threadsafe(self._deliver, outputs)
+                    self._write(engine.step())
         except BaseException as e:  # the engine itself failed (the model, the scheduler)
             traceback.print_exc()
+            self.live.clear()
             self.loop.call_soon_threadsafe(self._fail, e)
+
+    def _write(self, outputs: list[Any]) -> None:
+        """One step's replies: one write per connection; the requests that ended, to the loop in one call."""
+        replies: dict[Any, list[bytes]] = {}
+        ended: list[tuple[str, BaseException | None]] = []
+        for output in outputs:
+            entry = self.live.get(output.request_id)
+            if entry is None:
+                continue  # aborted meanwhile
+            reply, out = entry
+            try:
+                replies.setdefault(out, []).append(reply(output))
+            except Exception as e:  # this request's reply could not be made: it fails alone
+                self.engine.abort_request([output.request_id])
+                del self.live[output.request_id]
+                ended.append((output.request_id, e))
+                continue
+            if output.finished:
+                del self.live[output.request_id]
+                ended.append((output.request_id, None))
+        for out, parts in replies.items():
+            out.write(b"".join(parts))
+        if ended:
+            self.loop.call_soon_threadsafe(self._end, ended)
 
     def _apply(self, command: tuple) -> None:
         op = command[0]
         if op == "add":
-            _, rid, prompt, params, lora = command
+            _, rid, prompt, params, lora, reply, out = command
             try:
                 self.engine.add_request(rid, prompt, params, lora_request=lora)
             except Exception as e:  # vLLM's checks of the request: this request's error, not the engine's
-                self.loop.call_soon_threadsafe(self._refuse, rid, e)
+                self.loop.call_soon_threadsafe(self._end, [(rid, e)])
+            else:
+                self.live[rid] = (reply, out)
         elif op == "abort":
-            self.engine.abort_request([command[1]])
+            if self.live.pop(command[1], None) is not None:
+                self.engine.abort_request([command[1]])
+        elif op == "send":
+            command[1].write(command[2])
+        elif op == "close":
+            command[1].close()
         elif op == "call":
             _, result, method, args = command
             try:
@@ -378,9 +436,11 @@ async def serve(args: argparse.Namespace) -> None:
     stepper = Stepper(lambda: LLMEngine.from_engine_args(engine_args), loop)
     await asyncio.wrap_future(stepper.ready)
     schemas = SchemaCheck(args.model, args.schema_compile_s)
-    writers: set[asyncio.StreamWriter] = set()
 
-    async def run(msg: dict[str, Any], send: Any) -> None:
+    def line(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+    async def run(msg: dict[str, Any], out: SocketOut) -> None:
         rid = msg["id"]
         structured = None
         try:
@@ -400,19 +460,19 @@ async def serve(args: argparse.Namespace) -> None:
                 lora = LoRARequest(msg["lora"]["name"], msg["lora"]["id"], msg["lora"]["path"])
             first = True
 
-            def on_output(out: Any) -> None:
+            def reply(output: Any) -> bytes:  # on the engine's thread
                 nonlocal first
-                c = out.outputs[0]
-                reply: dict[str, Any] = {"id": rid, "t": list(c.token_ids), "f": c.finish_reason}
+                c = output.outputs[0]
+                obj: dict[str, Any] = {"id": rid, "t": list(c.token_ids), "f": c.finish_reason}
                 if logprobs is not None and c.logprobs is not None:
-                    reply["lp"] = [[_finite(e[t].logprob), _top(e, logprobs)] for t, e in zip(c.token_ids, c.logprobs)]
-                if first and prompt_logprobs is not None and out.prompt_logprobs is not None:
-                    reply["plp"] = [None if e is None else [t, _finite(e[t].logprob), _top(e, prompt_logprobs)]
-                                    for t, e in zip(msg["prompt"], out.prompt_logprobs)]
+                    obj["lp"] = [[_finite(e[t].logprob), _top(e, logprobs)] for t, e in zip(c.token_ids, c.logprobs)]
+                if first and prompt_logprobs is not None and output.prompt_logprobs is not None:
+                    obj["plp"] = [None if e is None else [t, _finite(e[t].logprob), _top(e, prompt_logprobs)]
+                                  for t, e in zip(msg["prompt"], output.prompt_logprobs)]
                 first = False
-                send(reply)
+                return line(obj)
 
-            done = stepper.submit(rid, TokensPrompt(prompt_token_ids=msg["prompt"]), sp, lora, on_output)
+            done = stepper.submit(rid, TokensPrompt(prompt_token_ids=msg["prompt"]), sp, lora, reply, out)
             try:
                 await done
             except asyncio.CancelledError:
@@ -421,40 +481,26 @@ async def serve(args: argparse.Namespace) -> None:
         except asyncio.CancelledError:
             raise
         except Refused as e:
-            send({"id": rid, "e": str(e), "status": e.status, "param": e.param})
+            stepper.send(out, line({"id": rid, "e": str(e), "status": e.status, "param": e.param}))
         except VLLMClientError as e:  # vLLM's checks of the request (a schema nested too deep, a bad regex...)
-            send({"id": rid, "e": _native_message(e), "status": 400,
-                  "param": "response_format" if structured is not None else getattr(e, "parameter", None)})
+            stepper.send(out, line({"id": rid, "e": _native_message(e), "status": 400,
+                                    "param": "response_format" if structured is not None
+                                    else getattr(e, "parameter", None)}))
         except Exception as e:
-            send({"id": rid, "e": f"{type(e).__name__}: {e}"})
+            stepper.send(out, line({"id": rid, "e": f"{type(e).__name__}: {e}"}))
             if stepper.failure is not None:  # the engine failed: nothing more can be served; the replica sees us go
-                await writer_drain_all(writers)
                 _kill_group()
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
+        # Replies are written by the engine's thread (`Stepper`), on a descriptor of its own; this loop only reads.
+        out = SocketOut(writer.get_extra_info("socket").fileno())
         tasks: dict[str, asyncio.Task] = {}
-        # The replies of one engine step (one per request running) go out in one write, after the requests' tasks
-        # have all run: one system call and one wake-up of the replica per step, not per request.
-        pending: list[bytes] = []
-        loop = asyncio.get_running_loop()
-
-        def flush() -> None:
-            if not writer.is_closing():
-                writer.write(b"".join(pending))
-            pending.clear()
-
-        def send(obj: dict[str, Any]) -> None:
-            if not pending:
-                loop.call_soon(flush)
-            pending.append(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
-
         try:
-            while line := await reader.readline():
-                msg = json.loads(line)
+            while line_in := await reader.readline():
+                msg = json.loads(line_in)
                 op = msg.get("op")
                 if op == "generate":
-                    task = asyncio.create_task(run(msg, send))
+                    task = asyncio.create_task(run(msg, out))
                     tasks[msg["id"]] = task
                     task.add_done_callback(lambda _, rid=msg["id"]: tasks.pop(rid, None))
                 elif op == "abort":
@@ -463,11 +509,11 @@ async def serve(args: argparse.Namespace) -> None:
                         task.cancel()  # its `run` aborts it in vLLM
                 elif op == "remove_lora":
                     await stepper.call("remove_lora", int(msg["id"]))
-                await writer.drain()
         finally:
             for task in list(tasks.values()):
                 task.cancel()
-            writers.discard(writer)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)  # their aborts queued first
+            stepper.close(out)
             writer.close()
 
     if os.path.exists(args.socket):

@@ -229,8 +229,10 @@ def test_the_engine_refusing_for_now_is_a_503_with_retry_after() -> None:
 class _Engine:
     """Stands in for vLLM's LLMEngine under the worker's `Stepper` (the part under test here: the thread that steps
     the engine and hands requests and outputs between it and the event loop). Requests finish in one step, except
-    "slow" (never, until aborted); "boom" makes the step fail as a broken model would; a prompt "bad" is refused
+    "slow" and "unreplyable" (never, until aborted); "boom" makes the step fail as a broken model would; a prompt "bad" is refused
     when added, as vLLM's checks of a request refuse one."""
+
+    LASTING = ("slow", "unreplyable")  # they run until aborted
 
     def __init__(self) -> None:
         self.running: list[str] = []
@@ -250,9 +252,9 @@ class _Engine:
         if "boom" in self.running:
             raise RuntimeError("the model failed")
         time.sleep(0.001)
-        done = [rid for rid in self.running if rid != "slow"]
-        self.running = [rid for rid in self.running if rid == "slow"]
-        return [SimpleNamespace(request_id=rid, finished=True) for rid in done]
+        outputs = [SimpleNamespace(request_id=rid, finished=rid not in self.LASTING) for rid in self.running]
+        self.running = [rid for rid in self.running if rid in self.LASTING]
+        return outputs
 
     def abort_request(self, ids: list[str]) -> None:
         self.aborted += ids
@@ -260,6 +262,21 @@ class _Engine:
 
     def remove_lora(self, lora_id: int) -> bool:
         return lora_id == 1
+
+
+class _Out:
+    """Stands in for the worker's connection to the replica: what the engine's thread writes, in order."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.lines += data.decode().splitlines()
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_the_engine_thread_fails_one_request_for_its_own_error_and_all_for_the_engines() -> None:
@@ -272,31 +289,48 @@ def test_the_engine_thread_fails_one_request_for_its_own_error_and_all_for_the_e
     spec.loader.exec_module(worker)
     engine = _Engine()
 
+    def reply(output: object) -> bytes:  # called on the engine's thread for each output
+        rid = output.request_id  # type: ignore[attr-defined]
+        if rid == "unreplyable":
+            raise ValueError("this reply cannot be made")
+        return f"{rid}\n".encode()
+
     async def scenario() -> None:
         stepper = worker.Stepper(lambda: engine, asyncio.get_running_loop())
         await asyncio.wrap_future(stepper.ready)
-        seen: list[str] = []
-        await asyncio.gather(*(stepper.submit(r, "p", None, None, lambda out: seen.append(out.request_id))
-                               for r in ("a", "b")))
-        assert sorted(seen) == ["a", "b"]
+        out = _Out()
+        await asyncio.gather(*(stepper.submit(r, "p", None, None, reply, out) for r in ("a", "b")))
+        assert sorted(out.lines) == ["a", "b"]  # written by the engine's thread before the requests ended
         with pytest.raises(ValueError, match="too long"):  # this request's fault: it alone fails
-            await stepper.submit("x", "bad", None, None, seen.append)
+            await stepper.submit("x", "bad", None, None, reply, out)
+        with pytest.raises(ValueError, match="cannot be made"):  # its reply failed: it alone fails, and stops
+            await stepper.submit("unreplyable", "p", None, None, reply, out)
+        assert "unreplyable" not in engine.running
         assert stepper.failure is None and await stepper.call("remove_lora", 1) is True
-        slow = stepper.submit("slow", "p", None, None, seen.append)
+        slow = stepper.submit("slow", "p", None, None, reply, out)
         await asyncio.sleep(0.05)
         with pytest.raises(ValueError, match="already running"):  # an id in use: refused, the first one untouched
-            await stepper.submit("slow", "p", None, None, seen.append)
+            await stepper.submit("slow", "p", None, None, reply, out)
         assert not slow.done() and engine.running == ["slow"]
         stepper.abort("slow")
-        await stepper.submit("c", "p", None, None, seen.append)  # the engine steps on after an abort
-        assert engine.aborted == ["slow"] and not slow.done()
+        await stepper.submit("c", "p", None, None, reply, out)  # the engine steps on after an abort
+        assert engine.aborted == ["unreplyable", "slow"] and not slow.done()
         slow.cancel()
+        stepper.send(out, b"sent from the loop\n")  # in order with the engine thread's replies
+        await stepper.submit("c2", "p", None, None, reply, out)
+        assert out.lines[-2:] == ["sent from the loop", "c2"]
+        other = _Out()
+        stepper.close(other)  # a connection gone: closed on the engine's thread, after what was sent before
+        await stepper.call("remove_lora", 2)
+        assert other.closed and not out.closed
         with pytest.raises(RuntimeError, match="model failed"):  # the engine's: every request fails, then and later
-            await asyncio.gather(stepper.submit("boom", "p", None, None, seen.append),
-                                 stepper.submit("d", "p", None, None, seen.append))
+            await asyncio.gather(stepper.submit("boom", "p", None, None, reply, out),
+                                 stepper.submit("d", "p", None, None, reply, out))
         assert isinstance(stepper.failure, RuntimeError)
         with pytest.raises(RuntimeError, match="model failed"):
-            await stepper.submit("e", "p", None, None, seen.append)
+            await stepper.submit("e", "p", None, None, reply, out)
+        stepper.send(out, b"after the failure\n")  # the thread is gone: written at once, from the loop
+        assert out.lines[-1] == "after the failure"
         stepper.stop()
         assert not stepper.thread.is_alive()
 
