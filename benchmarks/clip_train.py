@@ -146,6 +146,7 @@ def bare_in_ray_train(args: argparse.Namespace) -> None:
 
     from pipelines.runtime import init_ray
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as `pipelines pretrain` starts its local Ray
     init_ray()
     scaling = ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.cpus})
     TorchTrainer(lambda: bare(args), scaling_config=scaling,
