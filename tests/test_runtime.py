@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.runtime import _AGENT_STAND_IN
+
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = "Autoscaler status"
 RUN = """
@@ -75,6 +77,7 @@ def test_ray_status_stays_out_of_the_console_and_the_task_logs(status_log: str |
 LEAN = """
 import json, os, sys
 
+import psutil
 import ray
 from ray._private.node import Node
 
@@ -95,10 +98,21 @@ def task_events():
     return os.environ.get(TASK_EVENTS)
 
 
+@ray.remote
+def env_var():
+    return os.environ.get("LEAN_TEST")
+
+
+raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+children = {" ".join(p.cmdline()): p for p in raylet.children()}  # its agents and workers
 report = {"processes": sorted(node.all_processes), "squares": ray.get([square.remote(i) for i in range(4)]),
           "restored": all(getattr(Node, name) is method for name, method in before.items()),
-          "task_events_in_worker": ray.get(task_events.remote()), "task_events_after": os.environ.get(TASK_EVENTS)}
+          "task_events_in_worker": ray.get(task_events.remote()), "task_events_after": os.environ.get(TASK_EVENTS),
+          "runtime_env": ray.get(env_var.options(runtime_env={"env_vars": {"LEAN_TEST": "set"}}).remote()),
+          "children": sorted(children), "metrics_agent_port": node.metrics_agent_port}
 ray.shutdown()
+psutil.wait_procs(list(children.values()), timeout=10)
+report["children_left"] = [cmd for cmd, p in children.items() if p.is_running()]
 print(json.dumps(report))
 """
 
@@ -119,3 +133,12 @@ def test_a_lean_local_ray_starts_without_the_monitor_and_the_api_server_and_runs
     assert report["restored"]  # a later `ray.init` in the process (another command's) starts a whole head
     assert report["task_events_in_worker"] == "0"  # the lean Ray's processes keep no task events...
     assert report["task_events_after"] == "1000"  # ...and the user's setting is back for anything started later
+    # The raylet's agents: a stand-in for the dashboard agent, whose ports (and the runtime-env agent's) were given
+    # to the raylet so that it did not wait for them; no metrics agent; the runtime-env agent is Ray's own and
+    # still sets up a task's runtime_env. All are gone with the raylet.
+    children = report["children"]
+    assert not any("dashboard/agent.py" in cmd or "DashboardAgent" in cmd for cmd in children), children
+    assert sum(_AGENT_STAND_IN.splitlines()[-1].strip() in cmd for cmd in children) == 1, children
+    assert report["metrics_agent_port"] == -1
+    assert report["runtime_env"] == "set"
+    assert report["children_left"] == []
