@@ -80,11 +80,14 @@ def exit_nonzero_on_failure(result: Any) -> None:
 
 def crawl_done(result: Any) -> None:
     """End a crawl command: all its output is published, so the interpreter's exit need not look for garbage
-    among the objects the crawl made (Ray's, pyarrow's, pydantic's), which took 0.2 s of a 5 s crawl. They are
-    frozen (`gc.freeze`): still freed when their last reference goes, only no longer searched for cycles."""
+    among the objects the crawl made (Ray's, pyarrow's, pydantic's), which took 0.2 s of a 5 s crawl. At exit
+    they are frozen (`gc.freeze`): still freed when their last reference goes, only no longer searched for
+    cycles. At exit only, so that a process the command runs in (a test's, through typer's runner) goes on
+    collecting as usual."""
+    import atexit
     import gc
 
-    gc.freeze()
+    atexit.register(gc.freeze)  # runs before the local Ray's stop, registered earlier
     exit_nonzero_on_failure(result)
 
 
