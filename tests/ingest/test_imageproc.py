@@ -198,6 +198,28 @@ def test_truncated_jpeg_fails_to_decode(photos):
     assert e.status == "failed_to_decode" and "truncated" in str(e)
 
 
+def with_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """`jpeg` with `thumbnail` (a whole JPEG, with its own end marker) in an APP1 segment after its SOI, as EXIF
+    carries one."""
+    payload = b"Exif\x00\x00" + thumbnail
+    return jpeg[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg[2:]
+
+
+def test_truncated_jpeg_is_found_past_a_thumbnails_end_marker(photos):
+    thumbnail = encode(Image.fromarray(photos[0].pixels[:16, :16]), "JPEG")
+    whole = with_thumbnail(photos[1].data, thumbnail)
+    out, _ = process(whole, image_size=64)  # the whole one decodes...
+    assert out.height == 64
+    e = rejected(whole[:len(whole) - len(photos[1].data) // 2])  # ...and cut in its scan data, it is truncated
+    assert e.status == "failed_to_decode" and "truncated" in str(e)
+
+
+def test_a_jpeg_followed_by_data_with_end_markers_decodes(photos):
+    trailer = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xd9\x12\xff\xd9" * 50  # a motion photo's video, say
+    out, _ = process(photos[0].data + trailer, image_size=64)
+    assert (out.width, out.height) == (85, 64)
+
+
 def test_truncated_png_fails_to_decode(photos):
     data = encode(Image.fromarray(photos[0].pixels), "PNG")
     e = rejected(data[:len(data) // 2])
