@@ -226,7 +226,7 @@ def _lean_agents(Node: Any) -> Iterator[None]:
     job and log APIs an API server reads) and the runtime-env agent (sets up a task's `runtime_env`). Given no
     ports for them, it waits until each has started its servers on ports of its choosing and written them to
     files: 0.5 s of a lean `ray.init`'s 1.7 s on two cores went to waiting for the dashboard agent. So the ports
-    are chosen here: free ones, as `ray start --dashboard-agent-listen-port` and the like would take them. Ray
+    are chosen here (`free_port`), as `ray start --dashboard-agent-listen-port` and the like would take them. Ray
     hands the raylet all but the dashboard agent's listen port; the raylet takes that one by a flag of its own.
 
     A lean Ray has no use for the dashboard agent (no API server to ask it anything, no one to read its metrics),
@@ -234,14 +234,7 @@ def _lean_agents(Node: Any) -> Iterator[None]:
     and is told there is no metrics agent (port -1), so that neither it nor the GCS tries to reach one (each
     prints an error after 30 s of trying). A lean `ray.init` then takes 1.0 s instead of 1.7 s. The runtime-env
     agent is the real one: a task that asks for a `runtime_env` still gets it (a stand-in there hangs it)."""
-    import socket
-
     from ray._private import services
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
     start_raylet, start_process = Node.start_raylet, services.start_ray_process
     listen_port: list[int] = []
@@ -267,6 +260,32 @@ def _lean_agents(Node: Any) -> Iterator[None]:
         yield
     finally:
         Node.start_raylet, services.start_ray_process = start_raylet, start_process
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now, for a server started next to bind.
+
+    Taken below the kernel's ephemeral range where there is room: a port from that range (what binding port 0
+    gives) can be handed to any process that binds or connects without naming a port, such as the dozens of
+    sockets a starting Ray opens, before the server binds it; "address already in use" then fails that start."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere only a port nothing listens on is picked
+    for _ in range(100 if low > 10000 else 0):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_local_ray() -> None:

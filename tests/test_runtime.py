@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.runtime import _AGENT_STAND_IN
+from pipelines.runtime import _AGENT_STAND_IN, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = "Autoscaler status"
@@ -142,3 +142,16 @@ def test_a_lean_local_ray_starts_without_the_monitor_and_the_api_server_and_runs
     assert report["metrics_agent_port"] == -1
     assert report["runtime_env"] == "set"
     assert report["children_left"] == []
+
+
+def test_a_free_port_is_taken_below_the_kernels_ephemeral_range() -> None:
+    """Ray's processes open dozens of sockets on ports from that range as they start: a server given one of those
+    could find it taken before it binds it."""
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= port < low for port in ports), ports
+    assert len(ports) > 1  # not one fixed port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))  # free now

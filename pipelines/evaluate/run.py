@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -200,7 +199,7 @@ def serving(target: Target, endpoint: str | None) -> Iterator[tuple[str, str | N
     import ray
     from ray import serve
 
-    from pipelines.runtime import settings
+    from pipelines.runtime import free_port, settings
     from pipelines.serve.app import serve_model
     from pipelines.serve.config import AccessConfig, ServeConfig
 
@@ -416,13 +415,6 @@ def scores_table(target: Target, harness: dict[str, Any], scores: dict[str, floa
 # -- helpers ---------------------------------------------------------------------------------------
 def _figure(value: float) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _WithoutBars(io.TextIOBase):

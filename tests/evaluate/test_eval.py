@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.errors import PipelineError
 from pipelines.evaluate.config import EvalConfig
-from pipelines.evaluate.run import EvalResult, evaluate, free_port
+from pipelines.evaluate.run import EvalResult, evaluate
+from pipelines.runtime import free_port
 from pipelines.serve.vllm_engine import vllm_available
 from tests.serve.tiny import tiny_tokenizer
 

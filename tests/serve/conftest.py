@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipelines.runtime import free_port
 from pipelines.serve.app import ray_serve_env
 from pipelines.serve.config import ServeConfig
 from pipelines.serve.vllm_engine import vllm_available
@@ -24,9 +25,7 @@ from tests.serve.tiny import tiny_model, tiny_tokenizer
 def _free_port_pair() -> int:
     """A port P with P and P+1 free (the replica's direct-ingress port and Serve's proxy)."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         if port >= 65535:
             continue
         with socket.socket() as s:

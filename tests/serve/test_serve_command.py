@@ -14,7 +14,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.evaluate.run import free_port
+from pipelines.runtime import free_port
 from tests.serve.conftest import register
 
 pytestmark = pytest.mark.timeout(300)
