@@ -274,9 +274,9 @@ def free_port() -> int:
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; elsewhere only a port nothing listens on is picked
+        low = 32768  # Linux's default (other systems' ranges start higher)
     for _ in range(100 if low > 10000 else 0):
-        port = random.randrange(10000, low)
+        port = random.randrange(10000, min(low, 65536))
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

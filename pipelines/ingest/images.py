@@ -7,7 +7,7 @@ import hashlib
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
@@ -17,9 +17,6 @@ from pipelines.ingest.reader import InputReader, Row
 from pipelines.ingest.rows import InvalidRow, stored_row, text_of
 from pipelines.ingest.shards import metadata_table, shard_stats
 from pipelines.shards import ShardOutput, ShardWriter, shard_files
-
-if TYPE_CHECKING:
-    from pipelines.ingest.imageproc import ImageProcessor
 
 # Per-row metadata: a superset of img2dataset's. `retryable` marks transient failures.
 METADATA_SCHEMA = pa.schema([
@@ -66,17 +63,6 @@ def _row_meta(key: str, row: Row, config: ImageCrawlConfig) -> dict[str, Any]:
     return meta
 
 
-def _decode(processor: ImageProcessor, data: bytes) -> tuple[str, Any]:
-    """sha256 of the bytes and the processed image or the ImageError (runs on the thread pool)."""
-    from pipelines.ingest.imageproc import ImageError
-
-    digest = hashlib.sha256(data).hexdigest()
-    try:
-        return digest, processor.process(data)
-    except ImageError as exc:
-        return digest, exc
-
-
 async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig, counter: Any,
                        retry_only: bool, input_digest: str | None) -> dict[str, Any]:
     # Only the shard tasks fetch and decode: the command's own process, which starts Ray only after its imports,
@@ -94,6 +80,15 @@ async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig,
         old_samples = out.read_tar(tar_name)
 
     processor = ImageProcessor(config.image)
+
+    def decode(data: bytes) -> tuple[str, Any]:
+        """sha256 of the bytes and the processed image or the ImageError (runs on the thread pool)."""
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            return digest, processor.process(data)
+        except ImageError as exc:
+            return digest, exc
+
     progress = ProgressReporter(counter)
     digits = len(str(config.shard_size - 1))
     loop = asyncio.get_running_loop()
@@ -143,7 +138,7 @@ async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig,
             if res.status != "success":
                 return None
             meta["bytes"] = len(res.data)
-            digest, image = await loop.run_in_executor(pool, _decode, processor, res.data)
+            digest, image = await loop.run_in_executor(pool, decode, res.data)
         meta["sha256"] = digest
         if isinstance(image, ImageError):
             meta.update(status=image.status, error_message=str(image))
