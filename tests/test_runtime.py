@@ -155,3 +155,51 @@ def test_a_free_port_is_taken_below_the_kernels_ephemeral_range() -> None:
     assert len(ports) > 1  # not one fixed port
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))  # free now
+
+
+TRAIN = """
+import json, sys
+
+from pipelines.train.config import EngineConfig
+from pipelines.train.pretrain import fit, init_train_ray
+
+
+def loop(args):
+    import time
+
+    import psutil
+
+    time.sleep(3)  # the preemption watcher, where there is one, starts beside the loop
+    driver = psutil.Process().parent().parent()  # the raylet's parent, which started every process of this Ray
+    titles = []
+    for p in driver.children(recursive=True):
+        try:
+            titles.append(" ".join(p.cmdline()))
+        except psutil.Error:  # gone since
+            pass
+    with open(args["out"], "w") as f:
+        json.dump(titles, f)
+
+
+init_train_ray()
+fit(loop, {"out": sys.argv[1]}, EngineConfig(workers=1, max_failures=0), "lean", sys.argv[2], False, 1)
+"""
+
+
+def test_a_local_training_run_has_no_ray_process_it_does_not_use(tmp_path: Path) -> None:
+    """Every idle Ray process takes CPU from the training threads on the same cores; a local run has no
+    autoscaler's monitor, dashboard agent, or Ray Train preemption watcher (no node of a local Ray is drained).
+    The processes are listed from inside the training loop, among the descendants of the process that started
+    this Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_TRAIN_")}
+    out = tmp_path / "processes.json"
+    proc = subprocess.run([sys.executable, "-c", TRAIN, str(out), str(tmp_path / "runs")], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    titles = json.loads(out.read_text())
+    assert any("ray::RayTrainWorker" in t for t in titles), titles  # what the training saw, from inside it
+    assert any("raylet" in t for t in titles) and any("gcs_server" in t for t in titles), titles
+    for absent in ("ray::PreemptionWatcher", "autoscaler/_private/monitor.py", "dashboard/agent.py",
+                   "ray::DashboardAgent"):
+        assert not any(absent in t for t in titles), (absent, titles)

@@ -32,14 +32,14 @@ import numpy as np
 from rich.console import Console
 
 from pipelines.errors import PipelineError
-from pipelines.runtime import filesystem, init_ray, settings
+from pipelines.runtime import filesystem, settings
 from pipelines.shards import IMAGE_EXTS, MANIFEST, ShardOutput, absolute, is_local
 from pipelines.train.data import ShardSet, open_shards
 from pipelines.train.diffusion import ObjectiveConfig, diffusion_loss, encode_text, quiet_progress, step_generator
 from pipelines.train.finetune import FinetuneConfig, FinetuneResult, LoraSettings, checkpoint_state, peak_rss_mb
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, local_copy, lr_lambda, resources,
-                                      save_checkpoint, start_engine, storage_root, worker_context, write_json,
-                                      zero_label)
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, init_train_ray, local_copy, lr_lambda,
+                                      resources, save_checkpoint, start_engine, storage_root, worker_context,
+                                      write_json, zero_label)
 
 # The denoiser's attention projections (self- and cross-attention): diffusers' DreamBooth LoRA script's choice.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -95,8 +95,7 @@ def finetune_diffusion(config: FinetuneConfig, run_name: str, saved: dict[str, A
     if saved and saved["shards_digest"] != shards.digest:
         raise PipelineError(f"run {run_name} was trained on examples with digest {saved['shards_digest'][:12]}; "
                             f"{config.examples.data} now has {shards.digest[:12]}: start a new run instead")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    init_ray()
+    init_train_ray()
     use_gpu, cpus = resources(config)
 
     params = config.model_dump(mode="json")

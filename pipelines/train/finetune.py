@@ -27,10 +27,10 @@ import numpy as np
 from rich.console import Console
 
 from pipelines.errors import PipelineError
-from pipelines.runtime import filesystem, init_ray, settings
+from pipelines.runtime import filesystem, settings
 from pipelines.shards import absolute, is_local
 from pipelines.train.finetune_config import ExamplesConfig, FinetuneConfig, FinetuneRegistry, LoraSettings  # noqa: F401
-from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, local_copy, lr_lambda,
+from pipelines.train.pretrain import (DS_TAG, RUN_FILE, MetricsLog, fit, init_train_ray, local_copy, lr_lambda,
                                       resolve_run, resources, save_checkpoint, start_engine, storage_root,
                                       worker_context, write_json, zero_label)
 
@@ -89,8 +89,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if saved and saved["shards_digest"] != shards.digest:
         raise PipelineError(f"run {run_name} was trained on examples with digest {saved['shards_digest'][:12]}; "
                             f"{config.examples.data} now has {shards.digest[:12]}: start a new run instead")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    init_ray()
+    init_train_ray()
     use_gpu, cpus = resources(config)
 
     params = config.model_dump(mode="json")
