@@ -132,14 +132,18 @@ def failpoint(name: str) -> None:
     raise InjectedFault(f"failpoint {name}: planted failure {hits} of {limit}")
 
 
-def init_ray(num_cpus: int | None = None, *, lean: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, *, lean: bool = False, api_server: bool = False) -> None:
     """Connect to Ray once per process: the cluster at `RAY_ADDRESS`, else a local Ray started in process.
 
     `lean`: a local Ray starts without the autoscaler's monitor and the dashboard's API server
     (`_lean_local_head`), and without task events (the record of each task's states that Ray's state API and
     dashboard show, which a lean Ray has not; sending the last of them held the driver's exit 0.25 s), for a
     command whose every request fits one node (a crawl's tasks need one CPU). The monitor is what reports a
-    request no node can fulfil, so other commands keep it."""
+    request no node can fulfil, so other commands keep it, or refuse such a request themselves.
+    `api_server`: a lean Ray keeps the API server. Ray Train needs it there: its placement-group cleaner asks
+    the state API whether the controller lives; started without the dashboard the server answers that it has
+    no state API, at once, but with no server at all Ray looks for its address for seconds, and the end of a
+    run waited 10 s for the cleaner to stop."""
     import ray
 
     if ray.is_initialized():
@@ -164,7 +168,8 @@ def init_ray(num_cpus: int | None = None, *, lean: bool = False) -> None:
         os.environ.setdefault("RAY_raylet_client_connect_timeout_milliseconds", "50")
         os.environ.setdefault("RAY_raylet_client_num_connect_attempts", "200")
         # "local": always a fresh in-process Ray, never a cluster someone else started on this machine.
-        with _lean_local_head() if lean else contextlib.nullcontext():
+        skip = tuple(name for name in LEAN_SKIPPED if not (api_server and name == "start_api_server"))
+        with _lean_local_head(skip) if lean else contextlib.nullcontext():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     _filter_worker_logs()
 
@@ -175,9 +180,9 @@ TASK_EVENTS = "RAY_task_events_report_interval_ms"  # 0: no task events
 
 
 @contextlib.contextmanager
-def _lean_local_head() -> Iterator[None]:
-    """Start a local Ray head without the autoscaler's monitor, the dashboard's API server and the dashboard
-    agent (`_lean_agents`).
+def _lean_local_head(skip: tuple[str, ...] = LEAN_SKIPPED) -> Iterator[None]:
+    """Start a local Ray head without the autoscaler's monitor and the dashboard's API server (the `Node` methods
+    named in `skip`), and without the dashboard agent (`_lean_agents`).
 
     A local Ray has a fixed size, so its autoscaler has nothing to scale; with `include_dashboard=False` the API
     server loads only Ray's usage-stats module, which is off here. Yet `ray.init` starts both and waits for the
@@ -191,11 +196,11 @@ def _lean_local_head() -> Iterator[None]:
     except ImportError:
         yield
         return
-    saved = {name: getattr(Node, name, None) for name in LEAN_SKIPPED}
+    saved = {name: getattr(Node, name, None) for name in skip}
     if not all(callable(method) for method in saved.values()):
         yield
         return
-    for name in LEAN_SKIPPED:
+    for name in skip:
         setattr(Node, name, lambda self, *args, **kwargs: None)
     agents = _lean_agents(Node) if callable(getattr(Node, "start_raylet", None)) else contextlib.nullcontext()
     # Read by every process this start spawns (the raylet hands its environment on to the workers it starts).

@@ -216,24 +216,22 @@ def resolve_run(config: Any, storage: str, fs: Any) -> tuple[Any, str, dict | No
 
 
 def init_train_ray() -> None:
-    """Ray for a training command: the cluster at `RAY_ADDRESS`, else a lean local Ray (`init_ray(lean=True)`).
+    """Ray for a training command: the cluster at `RAY_ADDRESS`, else a lean local Ray (`init_ray(lean=True, ...)`).
 
     On a local Ray every process but the training workers takes CPU from them: an idle Ray process wakes 100
     times a second and costs ~0.006 of a core (sampled from `/proc` during a diffusion run: Ray's processes took
     0.08 of the two cores, the two training threads 0.945 each). So a local run starts without the processes it
     has no use for: the lean start's monitor and dashboard agent (`resources` refuses up front a request the
     machine cannot place, which is what the monitor would report), and Ray Train's preemption watcher, which
-    polls for nodes being drained, something a single local node never is. Without the API server, Ray Train's
-    placement-group cleaner cannot ask Ray's state API whether the controller lives; with it it cannot either
-    (the API server of a Ray started without the dashboard serves no state API): it only logs that it failed,
-    which `init_ray`'s log filter holds back. A local run's placement group goes with its Ray anyway."""
+    polls for nodes being drained, something a single local node never is. The API server stays (`init_ray`'s
+    `api_server`)."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     # A local Ray starts its workers at niceness 15, so the training worker loses the CPU to every other
     # process on the machine, down to Ray's own daemons: its steps stall whenever anything else runs.
     os.environ.setdefault("RAY_worker_niceness", "0")
     if not settings().ray_address:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    init_ray(lean=True)
+    init_ray(lean=True, api_server=True)
 
 
 def resources(config: Any) -> tuple[bool, int]:
