@@ -216,15 +216,15 @@ def resolve_run(config: Any, storage: str, fs: Any) -> tuple[Any, str, dict | No
 
 
 def init_train_ray() -> None:
-    """Ray for a training command: the cluster at `RAY_ADDRESS`, else a lean local Ray (`init_ray(lean=True, ...)`).
+    """Ray for a training command: the cluster at `RAY_ADDRESS`, else a lean local Ray.
 
     On a local Ray every process but the training workers takes CPU from them: an idle Ray process wakes 100
-    times a second and costs ~0.006 of a core (sampled from `/proc` during a diffusion run: Ray's processes took
-    0.08 of the two cores, the two training threads 0.945 each). So a local run starts without the processes it
-    has no use for: the lean start's monitor and dashboard agent (`resources` refuses up front a request the
-    machine cannot place, which is what the monitor would report), and Ray Train's preemption watcher, which
-    polls for nodes being drained, something a single local node never is. The API server stays (`init_ray`'s
-    `api_server`)."""
+    times a second and costs ~0.005-0.01 of a core (sampled from `/proc` during a diffusion run: Ray's processes
+    took 0.08 of a core together, each of the two training threads 0.945 of one; 0.06 and 0.955 with this start).
+    So a local run starts without what it has no use for: the autoscaler's monitor (`resources` refuses up front
+    a request the machine cannot place, which is all the monitor would report), the dashboard agent and task
+    events (`init_ray`'s `lean`), and Ray Train's preemption watcher, which polls for nodes being drained, which
+    a single local node never is. The API server stays (`init_ray`'s `api_server`)."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # worker prints once, not twice
     # A local Ray starts its workers at niceness 15, so the training worker loses the CPU to every other
     # process on the machine, down to Ray's own daemons: its steps stall whenever anything else runs.
