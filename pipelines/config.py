@@ -23,6 +23,7 @@ from rich.markup import escape
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from pipelines.errors import InfrastructureError, PipelineError
+from pipelines.runtime import check_ray_numbers
 
 
 class ConfigModel(BaseModel):
@@ -166,8 +167,10 @@ def _merged(per_kind: dict[Any, str]) -> str:
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Our errors as one line on stderr, never a traceback: a user's mistake (PipelineError) exits with
-    code 2, a failure of the infrastructure under the job (InfrastructureError: worth a rerun) with 1."""
+    code 2, a failure of the infrastructure under the job (InfrastructureError: worth a rerun) with 1.
+    An environment that would crash Ray on import is refused first (`check_ray_numbers`)."""
     try:
+        check_ray_numbers()
         yield
     except (PipelineError, InfrastructureError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator
 
 import fsspec
 
+from pipelines.errors import PipelineError
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -144,6 +146,7 @@ def init_ray(num_cpus: int | None = None, *, lean: bool = False, api_server: boo
     the state API whether the controller lives; started without the dashboard the server answers that it has
     no state API, at once, but with no server at all Ray looks for its address for seconds, and the end of a
     run waited 10 s for the cleaner to stop."""
+    check_ray_numbers()  # before Ray is imported: the import is what crashes
     import ray
 
     if ray.is_initialized():
@@ -172,6 +175,22 @@ def init_ray(num_cpus: int | None = None, *, lean: bool = False, api_server: boo
         with _lean_local_head(skip) if lean else contextlib.nullcontext():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     _filter_worker_logs()
+
+
+# Ray settings that our commands set defaults for, and an environment may set itself: Ray's C++ side reads them as
+# whole numbers (leading blanks and a sign allowed, nothing after) and on anything else crashes the process with
+# a segmentation fault, without a word, as soon as it imports Ray (tried: "abc", "", "5 ", Arabic-Indic digits).
+# `init_ray` and every CLI command (`config.one_line_errors`) check them first.
+RAY_NUMBERS = ("RAY_worker_niceness", "RAY_raylet_client_connect_timeout_milliseconds",
+               "RAY_raylet_client_num_connect_attempts", "RAY_task_events_report_interval_ms")
+
+
+def check_ray_numbers() -> None:
+    """A clear error, before Ray starts, for a `RAY_NUMBERS` setting that Ray could not read."""
+    for name in RAY_NUMBERS:
+        value = os.environ.get(name)
+        if value is not None and not re.fullmatch(r"[ \t\n\v\f\r]*[-+]?[0-9]+", value):
+            raise PipelineError(f"environment variable {name}={value!r}: Ray reads it as a whole number")
 
 
 # The head processes a lean local Ray does without (`_lean_local_head`), by the `Node` methods that start them.

@@ -208,3 +208,38 @@ def test_a_local_training_run_has_no_ray_process_it_does_not_use(tmp_path: Path)
     # for the server's address, and the end of the run waited 10 s to stop it, printing a traceback.
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 8, proc.stdout  # seconds from the loop's end to fit's
+
+
+@pytest.mark.parametrize("value", ["abc", "", "5 ", "\u0663", "1.5", "0x10"])
+@pytest.mark.parametrize("name", ["RAY_worker_niceness", "RAY_task_events_report_interval_ms"])
+def test_a_ray_number_ray_cannot_read_is_a_clear_error_not_a_crash(name: str, value: str) -> None:
+    """Ray's C++ side crashes the process that starts it (SIGSEGV, no message) on such a value."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[name] = value
+    proc = subprocess.run([sys.executable, "-c", "from pipelines.runtime import init_ray; init_ray(num_cpus=1)"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert f"PipelineError: environment variable {name}={value!r}: Ray reads it as a whole number" in proc.stderr
+
+
+def test_the_numbers_ray_reads_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.runtime import RAY_NUMBERS, check_ray_numbers
+
+    for value in ("0", " 5", "-3", "+15", "99999999999999999999"):  # each started a local Ray (tried)
+        for name in RAY_NUMBERS:
+            monkeypatch.setenv(name, value)
+        check_ray_numbers()
+
+
+@pytest.mark.parametrize("argv", [["crawl", "images", "--input", "urls.tsv", "--output", "out"],
+                                  ["pretrain", "--shards", "shards"], ["serve", "--model", "models:/m@champion"]])
+def test_a_command_refuses_a_ray_number_ray_cannot_read_in_one_line(argv: list[str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_worker_niceness"] = "５"  # a fullwidth digit
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "error: environment variable RAY_worker_niceness='５': Ray reads it as a whole number" in proc.stderr
+    assert "Traceback" not in proc.stderr
