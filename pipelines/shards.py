@@ -82,6 +82,21 @@ def absolute(url: str) -> str:
 
 
 # -- tars -------------------------------------------------------------------------------------------
+def _ustar_template() -> bytearray:
+    """A ustar header with every field but the name, the size and the checksum filled in."""
+    h = bytearray(512)
+    h[100:124] = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
+    h[136:148] = b"00000000000\x00"  # mtime 0: the same content gives the same bytes
+    h[148:156] = b" " * 8  # the checksum field counts as spaces while summing
+    h[156:157] = b"0"  # regular file
+    h[257:265] = b"ustar\x0000"
+    return h
+
+
+_USTAR = bytes(_ustar_template())
+_USTAR_SUM = sum(_USTAR)
+
+
 class TarStream:
     """Appends files to a tar stream, hashing it on the way.
 
@@ -106,15 +121,13 @@ class TarStream:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = size, 0, 0o644
             return info.tobuf(format=tarfile.PAX_FORMAT)
-        h = bytearray(512)
+        h = bytearray(_USTAR)
         h[0:len(raw)] = raw
-        h[100:124] = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
-        h[124:136] = b"%011o\x00" % size
-        h[136:148] = b"00000000000\x00"  # mtime 0: the same content gives the same bytes
-        h[148:156] = b" " * 8  # checksum field counts as spaces while summing
-        h[156:157] = b"0"  # regular file
-        h[257:265] = b"ustar\x0000"
-        h[148:156] = b"%06o\x00 " % sum(h)
+        size_field = b"%011o\x00" % size
+        h[124:136] = size_field
+        # The checksum sums every byte of the header: those of the fixed fields once (`_USTAR_SUM`), the name's
+        # and the size's here (summing all 512 bytes took 8 µs a header, three headers a sample).
+        h[148:156] = b"%06o\x00 " % (_USTAR_SUM + sum(raw) + sum(size_field))
         return bytes(h)
 
     def add(self, name: str, data: bytes) -> None:

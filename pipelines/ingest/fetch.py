@@ -31,7 +31,7 @@ import math
 import random
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
@@ -59,7 +59,6 @@ class FetchResult:
     content_type: str | None = None
     final_url: str | None = None
     data: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
     fetch_ms: float = 0.0
     retryable: bool = False  # a transient failure that a later `--retry-failed` run may fix
 
@@ -247,6 +246,7 @@ class Fetcher:
         self._robots: dict[str, asyncio.Future] = {}
         self._rate = HostRateLimiter()
         self._host_slots: dict[str, asyncio.Semaphore] = {}
+        self._host_verdicts: dict[str, tuple[str, str] | bool] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> "Fetcher":
@@ -307,17 +307,26 @@ class Fetcher:
             return FetchResult("invalid_url", url, f"scheme {target.scheme!r} not allowed (http/https only)")
         if not host:
             return FetchResult("invalid_url", url, "URL has no host")
+        verdict = self._host_verdicts.get(host)
+        if verdict is None:
+            verdict = self._host_verdicts[host] = self._check_host(host)
+        return target if verdict is True else FetchResult(verdict[0], url, verdict[1])
+
+    def _check_host(self, host: str) -> tuple[str, str] | bool:
+        """True if a URL's host (yarl's `raw_host`) may be requested, else the row's status and why. It depends
+        on the host alone, so a Fetcher keeps it per host: parsing a host as an IP address in Python is most of
+        `_check_url`'s cost, and many of a shard's rows share a host."""
         host = host.rstrip(".")
         legacy = legacy_ipv4(host)
         if legacy is not None:  # the resolver would read it as `legacy`, a URL parser as a name
-            return FetchResult("invalid_url", url, f"host {host!r} is a non-canonical IPv4 address ({legacy})")
+            return "invalid_url", f"host {host!r} is a non-canonical IPv4 address ({legacy})"
         if _ip_or_none(host) is not None:
             if self._guard is not None and self._guard.refuses(host):
-                return FetchResult("skipped_private_network", url, f"non-public address {host}")
-            return target
+                return "skipped_private_network", f"non-public address {host}"
+            return True
         if len(host) > 253 or not all(0 < len(label) <= 63 for label in host.split(".")):
-            return FetchResult("invalid_url", url, f"host {host!r} is not a valid DNS name")
-        return target  # a name: its addresses are checked when connecting
+            return "invalid_url", f"host {host!r} is not a valid DNS name"
+        return True  # a name: its addresses are checked when connecting
 
     async def _fetch_once(self, url: str, deadline: asyncio.Timeout) -> FetchResult:
         """One attempt, redirects included. Waiting for robots.txt, the host's rate limit or a free
@@ -409,13 +418,17 @@ class Fetcher:
             return FetchResult("failed_to_download", error_message=f"HTTP {resp.status}", **base)
         if resp.content_length is not None and resp.content_length > c.max_bytes:
             return FetchResult("too_large", error_message=f"Content-Length {resp.content_length} > max_bytes={c.max_bytes}", **base)
+        if resp.content_length is not None and "Content-Encoding" not in resp.headers:
+            # The body is as long as its Content-Length says (checked above), never longer: aiohttp reads no more.
+            # (A compressed body's length says nothing of what it inflates to, hence the streamed count below.)
+            return FetchResult("success", data=await resp.read(), **base)
         chunks, size = [], 0
         async for chunk in resp.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > c.max_bytes:
                 return FetchResult("too_large", error_message=f"body exceeds max_bytes={c.max_bytes}", **base)
             chunks.append(chunk)
-        return FetchResult("success", data=b"".join(chunks), headers=dict(resp.headers), **base)
+        return FetchResult("success", data=b"".join(chunks), **base)
 
     async def _robots_for(self, origin: str) -> Protego | str | None:
         """Parsed robots.txt of an origin (None: no rules; str: everything disallowed, with why).

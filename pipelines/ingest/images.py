@@ -14,7 +14,7 @@ import pyarrow as pa
 from pipelines.ingest.config import ImageCrawlConfig
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.reader import InputReader, Row
-from pipelines.ingest.rows import InvalidRow, stored_row, text_of
+from pipelines.ingest.rows import InvalidRow, stored_row, text_of, to_json
 from pipelines.ingest.shards import metadata_table, shard_stats
 from pipelines.shards import ShardOutput, ShardWriter, shard_files
 
@@ -97,13 +97,14 @@ async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig,
     # Samples stream into the staged tar as they complete: finishing the shard costs little.
     writer = ShardWriter(out, shard_id, input_digest)
 
-    async def one(index: int, row: Row) -> dict[str, Any]:
+    async def one(index: int, row: Row) -> tuple[dict[str, Any], bytes]:
+        """The row's stored metadata and its JSON text."""
         key = f"{shard_id:05d}{index:0{digits}d}"
         previous = old_meta.get(key)
         if previous is not None and not previous.get("retryable"):
             if key in old_samples:
                 writer.add(key, old_samples[key])
-            return previous
+            return previous, to_json(previous).encode()
         meta = _row_meta(key, row, config)
         try:
             sample = await fill(meta)
@@ -117,7 +118,7 @@ async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig,
             sample["json"] = meta_json
             writer.add(meta["key"], sample)
         progress.add(meta["status"])
-        return meta
+        return meta, meta_json
 
     async def fill(meta: dict[str, Any]) -> dict[str, bytes] | None:
         """Fetch and decode the row's image into `meta`; the image file of its sample, if it has one."""
@@ -150,13 +151,14 @@ async def _crawl_shard(shard_id: int, rows: list[Row], config: ImageCrawlConfig,
     try:
         with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode") as pool:
             async with Fetcher(config.fetch, accept="image/*") as fetcher:
-                metas = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+                done = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
     except BaseException:
         writer.abort()
         raise
     progress.flush()
 
+    metas = [meta for meta, _ in done]
     status = Counter(m["status"] for m in metas)
     stats = shard_stats(config.digest(), metas, started,
                         failed_to_resize=status.get("failed_to_decode", 0) + status.get("not_an_image", 0))
-    return writer.close(metadata_table(metas, METADATA_SCHEMA), stats)
+    return writer.close(metadata_table(metas, METADATA_SCHEMA, [meta_json for _, meta_json in done]), stats)

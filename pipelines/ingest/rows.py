@@ -128,9 +128,13 @@ def json_default(value: Any) -> Any:
     return str(value)
 
 
+# One encoder for every row (json.dumps with options would build one per call).
+_ENCODER = json.JSONEncoder(default=json_default, allow_nan=False)
+
+
 def to_json(value: Any) -> str:
     """JSON text of a storable value (always valid JSON: no NaN, no lone surrogates)."""
-    return json.dumps(value, default=json_default, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def text_of(value: Any) -> str | None:
@@ -172,9 +176,10 @@ def invalid_row(meta: dict[str, Any], schema: pa.Schema, reason: str) -> dict[st
     """The row recorded for `meta` when it cannot be stored: our metadata fields only, with the reason."""
     bare = {}
     for name, _, fits in _field_checks(schema):
-        value = meta.get(name)
-        if isinstance(value, str):
-            value = valid_text(value)
+        try:
+            value = storable_value(meta.get(name))  # a NaN would fail the JSON, a lone surrogate the parquet
+        except UnstorableRow:
+            value = None
         bare[name] = value if value is None or fits(value) else None
     bare.update(status="invalid_row", error_message=valid_text(reason), retryable=False)
     return bare

@@ -25,7 +25,7 @@ from pipelines.ingest.config import TextCrawlConfig, TextExtractionConfig
 from pipelines.ingest.crawl import CrawlResult, ProgressReporter, run_sharded
 from pipelines.ingest.fetch import Fetcher
 from pipelines.ingest.reader import InputReader, Row
-from pipelines.ingest.rows import InvalidRow, stored_row, text_of, valid_text
+from pipelines.ingest.rows import InvalidRow, stored_row, text_of, to_json, valid_text
 from pipelines.ingest.shards import metadata_table, shard_stats
 from pipelines.shards import ShardOutput, shard_files, write_shard
 
@@ -72,14 +72,14 @@ def crawl_text_shard(shard_id: int, rows: list[Row], config: TextCrawlConfig, co
         logging.getLogger(name).setLevel(logging.ERROR)
     out = ShardOutput(config.output)
     digits = len(str(config.shard_size - 1))
-    metas: dict[int, dict[str, Any]] = {}
+    metas: dict[int, tuple[dict[str, Any], bytes]] = {}  # the stored row and its JSON text
     samples: dict[str, dict[str, bytes]] = {}
     if retry_only:
         tar_name, parquet_name, _ = shard_files(shard_id)
         old_samples = out.read_tar(tar_name)
         for index, previous in enumerate(out.read_parquet(parquet_name).to_pylist()):
             if not previous["retryable"]:
-                metas[index] = previous
+                metas[index] = previous, to_json(previous).encode()
                 if previous["key"] in old_samples:
                     samples[previous["key"]] = old_samples[previous["key"]]
 
@@ -97,13 +97,14 @@ def crawl_text_shard(shard_id: int, rows: list[Row], config: TextCrawlConfig, co
         meta, meta_json = stored_row(meta, METADATA_SCHEMA)
         if text is not None and meta["status"] == "success":
             samples[meta["key"]] = {"txt": text.encode(), "json": meta_json}
-        metas[index] = meta
+        metas[index] = meta, meta_json
 
-    ordered = [metas[i] for i in sorted(metas)]
+    ordered = [metas[i][0] for i in sorted(metas)]
     stats = shard_stats(config.digest(), ordered, started,
                         chars=sum(m["chars"] or 0 for m in ordered if m["status"] == "success"))
     return write_shard(out, shard_id, ((k, samples[k]) for k in sorted(samples)),
-                       metadata_table(ordered, METADATA_SCHEMA), stats, input_digest)
+                       metadata_table(ordered, METADATA_SCHEMA, [metas[i][1] for i in sorted(metas)]), stats,
+                       input_digest)
 
 
 def _row_meta(key: str, row: Row, config: TextCrawlConfig) -> dict[str, Any]:

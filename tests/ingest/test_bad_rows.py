@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +426,65 @@ def test_every_extra_column_is_written_whatever_its_values() -> None:
     back = pq.read_table(pa.BufferReader(sink.getvalue())).to_pylist()
     assert [json.loads(r["e"]) if r["e"] else None for r in back[:2]] == [{}, {}]
     assert [r["big"] for r in back[3:5]] == ['"18446744073709551616"', "1"]  # mixed types: JSON text
+
+
+@pytest.mark.parametrize("kind", ["images", "text"])
+def test_known_columns_read_from_the_rows_json_are_the_columns_built_from_the_rows(kind: str) -> None:
+    """A crawl's shard builds its metadata table from the rows' JSON (no pandas import in the worker): it must be
+    the table `pa.array` builds from the rows themselves, for every value a stored row can hold."""
+    from pipelines.ingest.rows import stored_row
+    from pipelines.ingest.shards import metadata_table
+    schema = importlib.import_module(f"pipelines.ingest.{kind}").METADATA_SCHEMA
+    texts = ["", "plain", "nul \x00 tab \t newline \n quote \" backslash \\", "lone \ud800 \udfff", "astral \U0001F600",
+             "é\u2028\u2029", "\x7f\x1f", "x" * 70000]
+    numbers = [0, 1, -1, 2**31 - 1, -2**31, 2**31, 2**63 - 1, -2**63, 2**64]
+    floats = [0.0, -0.0, 5e-324, 1e-320, 1.7976931348623157e308, 0.1, 12.345678901234567, float("nan"), float("inf"), 7]
+    rows, jsons = [], []
+    for i in range(60):
+        meta: dict[str, Any] = {"key": f"{i:04d}"}
+        for j, f in enumerate(schema):
+            if f.name == "key":
+                continue
+            pick = (i + j) % 9
+            if pa.types.is_string(f.type):
+                meta[f.name] = None if pick == 0 else texts[(i * 3 + j) % len(texts)]
+            elif pa.types.is_integer(f.type):  # in range, but out of range in every fifth row
+                fitting = [n for n in numbers if -2 ** (f.type.bit_width - 1) <= n < 2 ** (f.type.bit_width - 1)]
+                meta[f.name] = None if pick == 0 else (fitting[(i + 2 * j) % len(fitting)] if i % 5 else 2**64)
+            elif pa.types.is_floating(f.type):
+                meta[f.name] = None if pick == 0 else floats[(i + j) % len(floats)]
+            elif pa.types.is_boolean(f.type):
+                meta[f.name] = None if pick == 0 else bool(i % 2)
+        if i % 7 == 0:
+            meta.update(extra_number=i, extra_text=texts[i % len(texts)], extra_nested={"a": [i, None]})
+        row, data = stored_row(meta, schema)
+        rows.append(row)
+        jsons.append(data)
+    assert sum(r["status"] == "invalid_row" for r in rows) not in (0, len(rows))  # both kinds of row are there
+    built, read = metadata_table(rows, schema), metadata_table(rows, schema, jsons)
+    assert read.schema == built.schema
+    assert read.to_pylist() == built.to_pylist()
+    for f in schema:  # -0.0 == 0.0 in Python: compare the floats' spellings too
+        if pa.types.is_floating(f.type):
+            assert [repr(v) for v in read.column(f.name).to_pylist()] == \
+                [repr(v) for v in built.column(f.name).to_pylist()]
+    assert metadata_table([], schema, []).num_rows == 0
+
+
+def test_a_crawl_worker_builds_its_metadata_table_without_importing_pandas() -> None:
+    """`pa.array` imports pandas on its first call in a process (0.2 s of CPU in each crawl worker); the rows' JSON
+    path does not."""
+    code = ("import sys\n"
+            "from pipelines.ingest.images import METADATA_SCHEMA\n"
+            "from pipelines.ingest.rows import stored_row\n"
+            "from pipelines.ingest.shards import metadata_table\n"
+            "row, data = stored_row({'key': '0', 'url': 'http://a/', 'status': 'success', 'bytes': 3}, METADATA_SCHEMA)\n"
+            "table = metadata_table([row], METADATA_SCHEMA, [data])\n"
+            "assert table.column('bytes').to_pylist() == [3]\n"
+            "print('pandas' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_a_row_that_still_cannot_be_stored_is_an_invalid_row() -> None:

@@ -22,7 +22,8 @@ KEY = pa.schema([("key", pa.string())])
 
 def test_tar_stream_round_trips_through_tarfile_and_gnu_tar(tmp_path):
     members = {"000000001.jpg": bytes(range(256)) * 7, "000000001.txt": b"a caption",
-               "000000001.json": b"{}", "k" * 120 + ".txt": b"a name too long for ustar", "empty.txt": b""}
+               "000000001.json": b"{}", "k" * 120 + ".txt": b"a name too long for ustar", "empty.txt": b"",
+               "n" * 96 + ".txt": b"a name of exactly 100 bytes", "é€ü.json": b"y" * 513}  # checksums of bytes > 127
     path = tmp_path / "a.tar"
     with open(path, "wb") as f:
         stream = TarStream(f)
