@@ -49,18 +49,20 @@ def metadata_table(rows: list[dict[str, Any]], schema: pa.Schema, jsons: list[by
 
 
 def _known_columns(jsons: list[bytes], schema: pa.Schema) -> pa.Table | None:
-    """The `schema` columns of rows given as JSON objects, one per row; None where the JSON reader cannot take
-    them (a block of over 1 GiB), for `pa.array` to build them instead."""
+    """The `schema` columns of rows given as JSON objects, one per row; None where the JSON reader does not take
+    them (a block of over 1 GiB; a value not of its field's type, which `stored_row` never lets through), for
+    `pa.array` to build them instead."""
     data = b"\n".join(jsons)
     if len(data) >= 1 << 30:
         return None
-    table = pj.read_json(pa.BufferReader(data),
-                         read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
-                         parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore",
-                                                       newlines_in_values=False))
-    if table.num_rows != len(jsons):
-        raise ValueError(f"{table.num_rows} rows read back from {len(jsons)} rows' JSON")
-    return table.combine_chunks()
+    try:
+        table = pj.read_json(pa.BufferReader(data),
+                             read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+                             parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore",
+                                                           newlines_in_values=False))
+    except pa.ArrowException:
+        return None
+    return table.combine_chunks() if table.num_rows == len(jsons) else None
 
 
 def shard_stats(config_digest: str, metas: list[dict[str, Any]], started: float, **extra: Any) -> dict[str, Any]:
