@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import decimal
-import functools
 import json
 import math
 import numbers
@@ -167,9 +166,18 @@ def _type_check(type_: pa.DataType) -> Callable[[Any], bool]:
     return scalar_fits
 
 
-@functools.lru_cache(maxsize=32)
+# The checks of each schema seen, by identity: hashing a pa.Schema (what an lru_cache would do) takes 7 µs, as
+# long as the rest of `stored_row`, which runs for every row of a crawl. The schema is kept, so its id stays its own.
+_CHECKS: dict[int, tuple[pa.Schema, tuple[tuple[str, pa.DataType, Callable[[Any], bool]], ...]]] = {}
+
+
 def _field_checks(schema: pa.Schema) -> tuple[tuple[str, pa.DataType, Callable[[Any], bool]], ...]:
-    return tuple((f.name, f.type, _type_check(f.type)) for f in schema)
+    known = _CHECKS.get(id(schema))
+    if known is None or known[0] is not schema:
+        if len(_CHECKS) >= 64:
+            _CHECKS.clear()
+        known = _CHECKS[id(schema)] = (schema, tuple((f.name, f.type, _type_check(f.type)) for f in schema))
+    return known[1]
 
 
 def invalid_row(meta: dict[str, Any], schema: pa.Schema, reason: str) -> dict[str, Any]:
