@@ -141,7 +141,7 @@ class ImageProcessor:
             f = 1  # largest power-of-two DCT scale-down that keeps both sides >= the target
             while f < 8 and width // (2 * f) >= tw and height // (2 * f) >= th:
                 f *= 2
-            try:  # the same libjpeg-turbo decode as OpenCV's, to the same pixels, in 17% less time (0.81 against 0.97 ms)
+            try:  # the same libjpeg-turbo decode as OpenCV's, to the same pixels, in 17% less time (0.81 vs 0.97 ms)
                 pixels = simplejpeg.decode_jpeg(data, colorspace="BGR", strict=False,
                                                 min_width=-(-width // f), min_height=-(-height // f))
             except ValueError:  # what TurboJPEG does not decode to BGR (CMYK, YCCK): OpenCV's full decoder
