@@ -99,12 +99,12 @@ def crawl_text_shard(shard_id: int, rows: list[Row], config: TextCrawlConfig, co
             samples[meta["key"]] = {"txt": text.encode(), "json": meta_json}
         metas[index] = meta, meta_json
 
-    ordered = [metas[i][0] for i in sorted(metas)]
+    order = sorted(metas)
+    ordered, jsons = [metas[i][0] for i in order], [metas[i][1] for i in order]
     stats = shard_stats(config.digest(), ordered, started,
                         chars=sum(m["chars"] or 0 for m in ordered if m["status"] == "success"))
     return write_shard(out, shard_id, ((k, samples[k]) for k in sorted(samples)),
-                       metadata_table(ordered, METADATA_SCHEMA, [metas[i][1] for i in sorted(metas)]), stats,
-                       input_digest)
+                       metadata_table(ordered, METADATA_SCHEMA, jsons), stats, input_digest)
 
 
 def _row_meta(key: str, row: Row, config: TextCrawlConfig) -> dict[str, Any]:
